@@ -1,0 +1,1 @@
+"""emotion-omni-kit library."""
