@@ -208,3 +208,26 @@ def prosody_summary(wav: np.ndarray, sr: int, n_words: int) -> dict:
         "voiced_fraction": float(np.isfinite(f0).mean()),
         "energy_db": float(np.mean(active)) if active.size else float("nan"),
     }
+
+
+def hifigan_log_mel(wav: np.ndarray, sr: int = 22050, n_fft: int = 1024, hop: int = 256, n_mels: int = 80,
+                    fmin: float = 0.0, fmax: float = 8000.0):
+    """Log-mel spectrogram (80, frames) with the packaged HiFi-GAN's training conventions.
+
+    Magnitude (not power) STFT of a reflect-padded, uncentred signal with a Hann window, Slaney
+    mel filters from 0 to 8 kHz, natural log clamped at 1e-5: the features the vocoder expects.
+    """
+    import torch
+    import torchaudio.functional as AF
+
+    if sr != 22050:
+        raise AudioError(f"HiFi-GAN mels need 22050 Hz audio, got {sr} Hz: resample first")
+    x = torch.as_tensor(np.asarray(wav, dtype=np.float32))[None, None]
+    pad = (n_fft - hop) // 2
+    x = torch.nn.functional.pad(x, (pad, pad), mode="reflect")[0]
+    spec = torch.stft(x, n_fft, hop_length=hop, win_length=n_fft, window=torch.hann_window(n_fft),
+                      center=False, return_complex=True)
+    magnitude = torch.sqrt(spec.real**2 + spec.imag**2 + 1e-9)
+    filters = AF.melscale_fbanks(n_fft // 2 + 1, fmin, fmax, n_mels, sr, norm="slaney", mel_scale="slaney")
+    mel = torch.matmul(filters.T, magnitude[0])
+    return torch.log(torch.clamp(mel, min=1e-5))

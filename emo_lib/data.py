@@ -63,11 +63,16 @@ def plan_pairs(cfg: dict, data_folder: Path | None = None) -> list[dict]:
         by_cell.setdefault((q["domain"], q["emotion"]), []).append(q)
     for (domain, emotion), rows in sorted(by_cell.items()):
         n = d["neutral_per_domain"] if emotion == "neutral" else d["queries_per_cell"]
+        renditions = d["renditions_per_query"]
         for i in sorted(rng.permutation(len(rows))[:n].tolist()):
             q = rows[i]
-            speaker = str(rng.choice(list(tts.SPEAKERS)))
-            split = "test" if speaker in heldout_speakers else "train"
-            add(f"{q['id']}-{speaker}", "domain", domain, q["text"], emotion, speaker, split)
+            count = int(renditions) + int(rng.random() < renditions - int(renditions))
+            first = str(rng.choice(list(tts.SPEAKERS)))
+            pool = heldout_speakers if first in heldout_speakers else train_speakers  # one split per text
+            others = [s for s in rng.permutation(pool).tolist() if s != first]
+            for speaker in [first, *others][:count]:
+                split = "test" if speaker in heldout_speakers else "train"
+                add(f"{q['id']}-{speaker}", "domain", domain, q["text"], emotion, speaker, split)
 
     # same-text set: every sentence with every emotion; held-out sentences only by held-out speakers
     sentences = sorted(corpus.load_same_text(data_folder), key=lambda r: r["id"])[: d["same_text_sentences"]]
@@ -150,14 +155,15 @@ def synthesize_pairs(pairs: list[dict], run: RunDir, cfg: dict, progress: bool =
 
 def asr_filter(pairs: list[dict], run: RunDir, cfg: dict, progress: bool = True) -> None:
     """Transcribe both sides of every kept pair with Whisper and drop pairs above the WER threshold."""
-    from .asr import load_whisper, transcribe, word_error_rate
+    from .asr import load_asr, word_error_rate
 
     d = cfg["data"]
-    model, processor = load_whisper(cfg["models"]["whisper"])
+    recognizer = load_asr(cfg["models"]["whisper"])
+    print(f"ASR filter: {recognizer.description}")
     todo = [p for p in pairs if p["kept"]]
     for role in ("query", "response"):
         wavs = [load_audio(run.root / p[f"{role}_wav"], target_sr=16000)[0] for p in todo]
-        texts = transcribe(model, processor, wavs, sr=16000, batch_size=d["asr_batch_size"], progress=progress)
+        texts = recognizer.transcribe(wavs, sr=16000, batch_size=d["asr_batch_size"], progress=progress)
         for p, hyp in zip(todo, texts):
             p[f"{role}_asr_text"] = hyp
             p[f"{role}_wer"] = round(word_error_rate(p[f"{role}_text"], hyp), 4)

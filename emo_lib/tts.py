@@ -24,6 +24,9 @@ import soundfile as sf
 from .audio import speech_bounds
 
 SAMPLE_RATE = 22050  # espeak-ng's output rate, also the vocoder's
+# espeak-ng's default 175 words/min is brisk; at 88 % of it Whisper tiny.en's word error rate on the
+# kit's sentences drops (mean 0.25 -> 0.19 on 36 sentences), so every profile's rate is relative to this.
+BASE_RATE = 0.88
 
 # Speakers: espeak-ng voice variants (different formants, pitch and breathiness). Ids name the gender.
 SPEAKERS = {
@@ -133,7 +136,7 @@ def sample_prosody(emotion: str, rng: np.random.Generator, jitter: float = 1.0) 
 def _prosody_open(prosody: dict) -> str:
     return (
         f'<prosody pitch="{prosody["pitch"]:+.0f}%" range="{prosody["range"]:.0f}%" '
-        f'rate="{prosody["rate"]:.0f}%" volume="{prosody["volume"]:.0f}%">'
+        f'rate="{prosody["rate"] * BASE_RATE:.0f}%" volume="{prosody["volume"]:.0f}%">'
     )
 
 

@@ -1,0 +1,88 @@
+"""The whole notebook series on the smoke preset, through papermill, as CI and instructors run it."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.notebooks
+
+
+def finite_numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from finite_numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from finite_numbers(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    env = dict(os.environ, EMO_KIT_RUNS=str(runs), OMP_NUM_THREADS="2")
+    result = subprocess.run([sys.executable, "-m", "emo_lib.run", "--preset", "smoke"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=1800)
+    print(result.stdout[-5000:])
+    print(result.stderr[-5000:], file=sys.stderr)
+    assert result.returncode == 0, f"smoke series failed:\n{result.stderr[-3000:]}"
+    return runs / "smoke", result
+
+
+def test_every_notebook_was_executed(smoke_run):
+    run, _ = smoke_run
+    expected = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert sorted(p.name for p in (run / "executed").glob("*.ipynb")) == expected
+
+
+def test_metrics_are_complete_and_finite(smoke_run):
+    run, _ = smoke_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"00_tour", "01_data", "run"} <= set(metrics)
+    assert metrics["run"]["preset"] == "smoke" and "torch" in metrics["run"]["versions"]
+    assert all(math.isfinite(x) for x in finite_numbers(metrics))
+    data = metrics["01_data"]
+    assert data["pairs_kept"] >= 40
+    assert set(data["pairs_dropped_by_reason"]) >= {"query_wer", "response_wer"}
+    assert data["pairs_kept"] + data["pairs_dropped"] == data["pairs_planned"]
+
+
+def test_manifest_and_wavs(smoke_run):
+    run, _ = smoke_run
+    rows = [json.loads(line) for line in (run / "data" / "manifest.jsonl").read_text().splitlines()]
+    kept = [r for r in rows if r["kept"]]
+    assert kept
+    for r in kept:
+        assert (run / r["query_wav"]).exists() and (run / r["response_wav"]).exists()
+        assert r["query_wer"] is not None and "ser_query_label" in r
+    assert any(r["response_word_boundaries"] for r in kept)
+    assert {r["split"] for r in kept} >= {"train", "test"}
+    assert (run / "env.json").exists()
+
+
+def test_prosody_separates_emotions_even_in_smoke(smoke_run):
+    run, _ = smoke_run
+    by_emotion = json.loads((run / "metrics.json").read_text())["01_data"]["by_emotion"]
+    rate = {e: v["mean_rate_words_per_s"] for e, v in by_emotion.items() if v["mean_rate_words_per_s"]}
+    assert rate["sadness"] < rate["anger"]
+
+
+def test_missing_input_names_the_notebook_to_run(smoke_run, tmp_path):
+    env = dict(os.environ, EMO_KIT_RUNS=str(tmp_path), OMP_NUM_THREADS="2")
+    code = ("from emo_lib import data; from emo_lib.paths import RunDir; "
+            "data.load_manifest(RunDir('empty'))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "01_data.ipynb" in result.stderr
+
+
+def test_runner_reports_a_failing_notebook(smoke_run, tmp_path):
+    env = dict(os.environ, EMO_KIT_RUNS=str(tmp_path), OMP_NUM_THREADS="2")
+    result = subprocess.run([sys.executable, "-m", "emo_lib.run", "--preset", "smoke", "--set", "data.colour=blue"],
+                            cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "data.colour" in result.stderr
