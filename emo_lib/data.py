@@ -204,6 +204,35 @@ def build_dataset(cfg: dict, run: RunDir, progress: bool = True, data_folder: Pa
     return pairs
 
 
+def apply_emotion_filter(rows: list[dict], predictions: dict, min_confidence: float) -> dict:
+    """The paper's speech-emotion-recognizer filter.
+
+    ``predictions`` maps (pair_id, "query"|"response") to (label, confidence). Every kept pair gets
+    the recognizer's label and confidence in its ``ser_*`` columns; a pair is dropped
+    (``ser_mismatch``) when, for either side, the recognizer hears ANOTHER emotion than intended
+    with at least ``min_confidence``. Returns counts.
+    """
+    dropped = Counter()
+    for row in rows:
+        if not row["kept"]:
+            continue
+        for role in ("query", "response"):
+            label, confidence = predictions[(row["pair_id"], role)]
+            row[f"ser_{role}_label"], row[f"ser_{role}_confidence"] = label, round(float(confidence), 4)
+        for role in ("query", "response"):
+            if row[f"ser_{role}_label"] != row[f"{role}_emotion"] and row[f"ser_{role}_confidence"] >= min_confidence:
+                row.update(kept=False, drop_reason="ser_mismatch")
+                dropped[role] += 1
+                break
+    return {"checked_pairs": sum(1 for r in rows if r["ser_query_label"] is not None),
+            "dropped_pairs": sum(dropped.values()), "dropped_for_query": dropped["query"],
+            "dropped_for_response": dropped["response"], "kept_pairs": sum(r["kept"] for r in rows)}
+
+
+def save_manifest(run: RunDir, rows: list[dict]) -> None:
+    write_jsonl_atomic(run.manifest, rows)
+
+
 def load_manifest(run: RunDir, kept_only: bool = True, split: str | None = None) -> list[dict]:
     """Manifest rows of a run (stops with the notebook to run when the manifest is missing)."""
     rows = read_jsonl(run.require(run.manifest, "manifest"))

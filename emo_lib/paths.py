@@ -21,6 +21,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PRODUCERS = {
     "env": "00_tour.ipynb",
     "manifest": "01_data.ipynb",
+    "emotion_frames": "02_features.ipynb",
+    "semantic_frames": "02_features.ipynb",
+    "emotion_encoder": "02_features.ipynb",
+    "trajectories": "03_align.ipynb",
 }
 
 

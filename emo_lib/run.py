@@ -8,6 +8,7 @@ cell, prints a table of durations, and adds the run's facts (preset, seed, versi
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -97,6 +98,9 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
     parser.add_argument("--kernel", default="python3")
     args = parser.parse_args(argv)
+    # papermill streams each cell's output through its logger at INFO level
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("papermill").setLevel(logging.INFO)
     try:
         overrides = dict(parse_override(text) for text in args.set)
         return run_series(args.preset, overrides, args.run_name, args.only, args.start, args.timeout, args.kernel)

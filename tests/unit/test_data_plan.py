@@ -72,3 +72,19 @@ def test_a_query_text_never_crosses_splits():
         splits.setdefault(p["query_text"], set()).add("test" if p["split"] == "test" else "train")
     assert all(len(s) == 1 for s in splits.values())
     assert max(Counter(p["query_text"] for p in pairs).values()) == 2  # some queries have two voices
+
+
+def test_emotion_filter_drops_confident_mismatches_only():
+    rows = [
+        {"pair_id": "a", "kept": True, "query_emotion": "anger", "response_emotion": "sadness", "ser_query_label": None},
+        {"pair_id": "b", "kept": True, "query_emotion": "anger", "response_emotion": "sadness", "ser_query_label": None},
+        {"pair_id": "c", "kept": True, "query_emotion": "fear", "response_emotion": "neutral", "ser_query_label": None},
+        {"pair_id": "d", "kept": False, "query_emotion": "fear", "response_emotion": "neutral", "ser_query_label": None},
+    ]
+    predictions = {("a", "query"): ("anger", 0.99), ("a", "response"): ("sadness", 0.7),
+                   ("b", "query"): ("happiness", 0.95), ("b", "response"): ("sadness", 0.9),
+                   ("c", "query"): ("surprise", 0.5), ("c", "response"): ("neutral", 0.9)}
+    counts = data.apply_emotion_filter(rows, predictions, min_confidence=0.9)
+    assert [r["kept"] for r in rows] == [True, False, True, False]
+    assert rows[1]["drop_reason"] == "ser_mismatch" and rows[2]["ser_query_label"] == "surprise"
+    assert counts["dropped_pairs"] == 1 and counts["checked_pairs"] == 3
