@@ -44,13 +44,28 @@ def test_every_notebook_was_executed(smoke_run):
 def test_metrics_are_complete_and_finite(smoke_run):
     run, _ = smoke_run
     metrics = json.loads((run / "metrics.json").read_text())
-    assert {"00_tour", "01_data", "run"} <= set(metrics)
+    assert {"00_tour", "01_data", "02_features", "03_align", "run"} <= set(metrics)
     assert metrics["run"]["preset"] == "smoke" and "torch" in metrics["run"]["versions"]
     assert all(math.isfinite(x) for x in finite_numbers(metrics))
     data = metrics["01_data"]
     assert data["pairs_kept"] >= 40
     assert set(data["pairs_dropped_by_reason"]) >= {"query_wer", "response_wer"}
     assert data["pairs_kept"] + data["pairs_dropped"] == data["pairs_planned"]
+
+
+def test_encoders_and_alignment(smoke_run):
+    run, _ = smoke_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    features, aligned = metrics["02_features"], metrics["03_align"]
+    assert 0.0 <= features["emotion_encoder_heldout_accuracy_queries"] <= 1.0
+    assert features["ser_filter"]["checked_pairs"] > 0
+    # DTW on real signals must beat splitting time by characters, even at smoke scale
+    assert aligned["word_boundary_error_ms_dtw"] < aligned["word_boundary_error_ms_proportional"]
+    assert aligned["no_gaps_word_boundary_error_ms_dtw"] < aligned["no_gaps_word_boundary_error_ms_proportional"]
+    assert aligned["trajectories_written"] > 0
+    for name in ("semantic", "emotion", "trajectories"):
+        assert (run / "features" / f"{name}.npy").exists()
+    assert (run / "checkpoints" / "emotion_encoder" / "latest.pt").exists()
 
 
 def test_manifest_and_wavs(smoke_run):

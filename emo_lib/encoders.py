@@ -1,0 +1,933 @@
+"""Speech encoders of the kit: Whisper's semantic frames, an emotion encoder, and the adapters.
+
+Emotion Omni feeds its LLM two streams per 20 ms of speech: Whisper encoder frames (what was
+said) and emotion2vec frames (how it was said), each downsampled to 10 Hz by a convolutional
+adapter, concatenated and projected to the LLM's width. This module builds the three parts:
+
+- ``whisper_encoder_frames``: Whisper tiny.en encoder frames (384-d, 50 Hz), cut to the audio.
+- ``EmotionEncoder``: the kit's stand-in for emotion2vec (no pretrained one is available
+  offline). A small convolutional network over log-mel and pitch features, trained here to
+  recognise the 7 emotions; it gives one ``emotion_dim`` frame per 20 ms, aligned with Whisper's.
+- ``DownsampleAdapter`` and ``SpeechProjector``: 50 Hz -> 10 Hz, then to the LLM's width.
+
+Frame arithmetic (16 kHz audio of n samples), shared by Whisper and the emotion encoder:
+100 Hz input frames ``T100 = ceil(n / 160)``; 50 Hz frames ``T50 = ceil(T100 / 2) = ceil(n / 320)``;
+10 Hz adapter frames ``T10 = ceil(T50 / 5)``.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .audio import estimate_f0, load_audio
+from .corpus import EMOTIONS
+from .train import CheckpointError, load_checkpoint, save_checkpoint
+
+SAMPLE_RATE = 16000
+HOP_100HZ = 160  # 10 ms at 16 kHz
+SAMPLES_PER_50HZ_FRAME = 320  # 20 ms: one Whisper encoder frame
+WHISPER_MAX_SECONDS = 30
+ADAPTER_STRIDE = 5  # 50 Hz -> 10 Hz
+EMOTION_NOTEBOOK = "notebooks/02_features.ipynb"
+EMOTION_CHECKPOINT_KIND = "emotion_encoder"
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame arithmetic
+# ---------------------------------------------------------------------------------------------
+def frames_100hz(n_samples: int) -> int:
+    """Input frames of the emotion encoder for ``n_samples`` of 16 kHz audio: ceil(n / 160)."""
+    return -(-int(n_samples) // HOP_100HZ)
+
+
+def frames_50hz(n_samples: int) -> int:
+    """Whisper (and emotion) frames for ``n_samples`` of 16 kHz audio: ceil(n / 320)."""
+    return -(-int(n_samples) // SAMPLES_PER_50HZ_FRAME)
+
+
+def stem_length(t100: int) -> int:
+    """50 Hz frames made from ``t100`` input frames by the stride-2 stem: ceil(t100 / 2)."""
+    return -(-int(t100) // 2)
+
+
+def downsampled_length(t50: int) -> int:
+    """10 Hz adapter frames for ``t50`` 50 Hz frames: ceil(t50 / 5).
+
+    The input is right-padded with zeros to a multiple of 5, so 1 to 4 frames (20-80 ms of
+    audio) still give one output frame; 0 frames give 0.
+    """
+    return -(-int(t50) // ADAPTER_STRIDE)
+
+
+def lengths_to_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
+    """(B,) lengths -> (B, max_length) bool mask, True on valid frames."""
+    return torch.arange(max_length, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def pad_frames(arrays: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (T_i, D) arrays into a zero-padded (B, T_max, D) float tensor and a (B, T_max) mask."""
+    lengths = torch.tensor([len(a) for a in arrays], dtype=torch.long)
+    batch = torch.zeros(len(arrays), int(lengths.max()), arrays[0].shape[1], dtype=torch.float32)
+    for i, a in enumerate(arrays):
+        batch[i, : len(a)] = torch.as_tensor(np.asarray(a, dtype=np.float32))
+    return batch, lengths_to_mask(lengths, batch.shape[1])
+
+
+def _length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    # Neighbours in length share a batch, so little compute goes into padding.
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _check_wav(wav: np.ndarray, index: int) -> np.ndarray:
+    wav = np.asarray(wav, dtype=np.float32)
+    if wav.ndim != 1 or wav.size == 0:
+        raise ValueError(f"signal {index}: expected a non-empty 1-D 16 kHz signal, got shape {wav.shape}")
+    return wav
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic features: Whisper encoder frames
+# ---------------------------------------------------------------------------------------------
+def whisper_window_seconds(max_samples: int, margin_s: float = 1.0) -> int:
+    """Encoder window for a batch: its longest audio plus ``margin_s``, in whole seconds, at most 30."""
+    return int(min(WHISPER_MAX_SECONDS, math.ceil(max_samples / SAMPLE_RATE + margin_s)))
+
+
+def _whisper_encoder_module(encoder):
+    # Accept the encoder itself or the whole WhisperForConditionalGeneration.
+    if hasattr(encoder, "embed_positions"):
+        return encoder
+    if hasattr(encoder, "get_encoder"):
+        return encoder.get_encoder()
+    raise TypeError(f"expected a Whisper encoder (or Whisper model), got {type(encoder).__name__}")
+
+
+def _run_whisper_encoder(encoder, mel: torch.Tensor) -> torch.Tensor:
+    """Whisper's encoder forward on a mel window of any length up to 30 s: (B, 80, 2T) -> (B, T, d).
+
+    The same modules and order as transformers' ``WhisperEncoder.forward`` (which refuses any
+    window but 3000 frames), with the positional table cut to the window's T positions.
+    """
+    x = F.gelu(encoder.conv1(mel))
+    x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
+    x = x + encoder.embed_positions.weight[: x.shape[1]]
+    for layer in encoder.layers:
+        x = layer(x, None)
+    return encoder.layer_norm(x)
+
+
+def whisper_encoder_frames(
+    encoder,
+    processor,
+    wavs16k: list[np.ndarray],
+    batch_size: int = 16,
+    progress: bool = False,
+    full_window: bool = False,
+    margin_s: float = 1.0,
+) -> list[np.ndarray]:
+    """Whisper encoder frames per utterance: (T_i, d) float32, T_i = ceil(n_samples / 320).
+
+    Frames past the audio's end (the encoder's view of the zero padding) are cut off, so no
+    padding leaks into the features. Audio longer than 30 s is cut to 30 s (1500 frames).
+
+    Speed versus fidelity: Whisper was trained on 30 s windows only, and transformers' encoder
+    accepts nothing else, so a 3 s sentence would pay for 30 s of attention and MLPs. Here the
+    encoder runs on a window sized to each batch (longest audio + ``margin_s``, whole seconds,
+    at most 30 s): several times faster on short utterances. The price: self-attention sees less
+    trailing silence, so the kept frames are close to, but not identical with, the 30 s
+    window's (cosine similarity well below 1 for a few frames, mostly near the end of the
+    audio; see the measurement in notebooks/02_features.ipynb and tests/unit/test_encoders.py).
+    ``full_window=True`` gives the standard 30 s computation for comparison.
+    """
+    encoder = _whisper_encoder_module(encoder)
+    wavs = [_check_wav(w, i) for i, w in enumerate(wavs16k)]
+    limit = WHISPER_MAX_SECONDS * SAMPLE_RATE
+    if any(len(w) > limit for w in wavs):
+        warnings.warn("signals longer than 30 s are cut to their first 30 s (Whisper's window)")
+        wavs = [w[:limit] for w in wavs]
+    out: list[np.ndarray | None] = [None] * len(wavs)
+    from tqdm.auto import tqdm
+
+    batches = _length_sorted_batches([len(w) for w in wavs], batch_size)
+    with torch.inference_mode():
+        for idx in tqdm(batches, desc="whisper encoder", unit="batch", disable=not progress):
+            batch = [wavs[i] for i in idx]
+            seconds = WHISPER_MAX_SECONDS if full_window else whisper_window_seconds(max(map(len, batch)), margin_s)
+            mel = processor.feature_extractor(
+                batch, sampling_rate=SAMPLE_RATE, return_tensors="pt",
+                padding="max_length", max_length=seconds * SAMPLE_RATE, truncation=True,
+            ).input_features
+            frames = _run_whisper_encoder(encoder, mel.to(encoder.conv1.weight.dtype)).float().numpy()
+            for row, i in enumerate(idx):
+                out[i] = frames[row, : frames_50hz(len(wavs[i]))].copy()
+    return out  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# Emotion encoder inputs: 100 Hz log-mel + pitch + voicing + energy
+# ---------------------------------------------------------------------------------------------
+N_FFT = 512  # a 25 ms (400-sample) Hann window, zero-padded to 512 for the FFT
+WIN_LENGTH = 400
+N_MELS = 80
+F0_REFERENCE_HZ = 100.0
+F0_FILL_HZ = 150.0  # log-F0 value for utterances with no voiced frame at all (mid of the kit's voices)
+MEL_FLOOR = 1e-6  # about -60 dB: exact digital silence (espeak-ng pauses) stays a finite value
+FEATURE_NAMES = [f"log_mel_{i}" for i in range(N_MELS)] + [
+    "log_f0_semitones", "relative_f0_semitones", "voicing", "energy_db",
+]
+INPUT_DIM = len(FEATURE_NAMES)
+
+
+@lru_cache(maxsize=1)
+def _mel_filters() -> torch.Tensor:
+    import torchaudio.functional as AF
+
+    # Slaney-style filters from 0 to 8 kHz, as Whisper's front end uses.
+    return AF.melscale_fbanks(N_FFT // 2 + 1, 0.0, SAMPLE_RATE / 2, N_MELS, SAMPLE_RATE,
+                              norm="slaney", mel_scale="slaney")
+
+
+def _power_spectrum_100hz(wav: np.ndarray) -> torch.Tensor:
+    """(T100, 257) power spectrum; frame t is centred on sample 160 t, like Whisper's mel frames."""
+    x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
+    # Zero padding, not reflection: reflection fails on audio shorter than half a window.
+    spec = torch.stft(x, N_FFT, hop_length=HOP_100HZ, win_length=WIN_LENGTH,
+                      window=torch.hann_window(WIN_LENGTH), center=True, pad_mode="constant",
+                      return_complex=True)
+    return spec.abs().pow(2).T[: frames_100hz(len(wav))]
+
+
+def _energy_db(power: torch.Tensor) -> torch.Tensor:
+    # Parseval on the one-sided spectrum: the mean square of the Hann-weighted frame, in dB.
+    # Taken from the same STFT as the mel bands, so it is aligned with them by construction.
+    # Absolute level, not normalised per utterance: loudness is one of the emotion cues.
+    weights = torch.full((power.shape[1],), 2.0)
+    weights[0] = weights[-1] = 1.0
+    frame_energy = (power * weights).sum(dim=1) / N_FFT
+    window_energy = torch.hann_window(WIN_LENGTH).pow(2).sum()
+    return 10.0 * torch.log10(frame_energy / window_energy + 1e-10)
+
+
+def _centred_f0(wav: np.ndarray, t100: int) -> np.ndarray:
+    """F0 (Hz, NaN unvoiced) per 10 ms frame, frame t centred on sample 160 t like the mel frames.
+
+    ``audio.estimate_f0``'s frame t starts at sample 160 t and spans about 2 x the longest
+    period (267 samples at 60 Hz), so padding that much silence in front centres it.
+    """
+    half_span = int(np.ceil(SAMPLE_RATE / 60.0))
+    padded = np.pad(wav, (half_span, half_span + 1))
+    f0 = estimate_f0(padded, SAMPLE_RATE)[:t100]
+    if len(f0) < t100:
+        f0 = np.concatenate([f0, np.full(t100 - len(f0), np.nan, dtype=np.float32)])
+    return f0
+
+
+def _interpolate_unvoiced(values: np.ndarray, voiced: np.ndarray, fill: float) -> np.ndarray:
+    # Straight lines across unvoiced gaps (held flat before the first and after the last voiced
+    # frame): the convolutions see a continuous contour instead of jumps to an arbitrary value.
+    if not voiced.any():
+        return np.full(len(values), fill, dtype=np.float32)
+    positions = np.arange(len(values))
+    return np.interp(positions, positions[voiced], values[voiced]).astype(np.float32)
+
+
+def pitch_features(f0: np.ndarray) -> np.ndarray:
+    """(T, 3): log-F0 in semitones re 100 Hz, log-F0 re the utterance median, voicing flag.
+
+    - absolute pitch carries the emotion's pitch level (sad and disgusted speech is low, happy
+      and surprised speech high), but it is also the voice's own pitch, i.e. speaker identity;
+    - pitch relative to the utterance's median voiced pitch keeps the intonation contour and
+      its range (wide for joy and surprise, flat for sadness and fear) without the speaker's level;
+    - the voicing flag (1 voiced, 0 unvoiced or silent) marks where the two pitch tracks were
+      interpolated, and its rhythm reflects speaking rate and pauses.
+    """
+    voiced = np.isfinite(f0) & (f0 > 0)
+    semitones = np.where(voiced, 12.0 * np.log2(np.where(voiced, f0, 1.0) / F0_REFERENCE_HZ), 0.0)
+    fill = 12.0 * np.log2(F0_FILL_HZ / F0_REFERENCE_HZ)
+    absolute = _interpolate_unvoiced(semitones, voiced, fill)
+    relative = absolute - (np.median(semitones[voiced]) if voiced.any() else fill)
+    return np.stack([absolute, relative, voiced.astype(np.float32)], axis=1).astype(np.float32)
+
+
+def emotion_input_features(wav16k: np.ndarray) -> np.ndarray:
+    """Emotion encoder inputs at 100 Hz: (T100, 84) float32, T100 = ceil(n_samples / 160).
+
+    Columns (``FEATURE_NAMES``):
+    - 80 log-mel bands (natural log of power, floor 1e-6), 25 ms Hann window, 10 ms hop, 0-8 kHz:
+      the spectral envelope, voice quality and effort, Whisper's view of the sound at twice
+      its time resolution;
+    - log-F0 in semitones re 100 Hz, then log-F0 relative to the utterance median (see
+      ``pitch_features``), then the voicing flag; F0 from ``audio.estimate_f0`` (YIN), unvoiced
+      frames filled by interpolation;
+    - frame energy in dB (absolute level: loudness is an emotion cue).
+    Frame t of every column is centred on sample 160 t (t = 0 at the first sample).
+    """
+    wav = _check_wav(wav16k, 0)
+    power = _power_spectrum_100hz(wav)
+    log_mel = torch.log(power @ _mel_filters() + MEL_FLOOR)
+    energy = _energy_db(power)
+    pitch = pitch_features(_centred_f0(wav, len(power)))
+    return np.concatenate([log_mel.numpy(), pitch, energy.numpy()[:, None]], axis=1).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Emotion encoder
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class EmotionEncoderConfig:
+    """Shape of an ``EmotionEncoder``; saved in its checkpoint."""
+
+    input_dim: int = INPUT_DIM
+    emotion_dim: int = 256  # width of the emotion frames (emotion2vec base: 768)
+    layers: int = 4  # residual convolution blocks after the stem
+    kernel_size: int = 5  # depthwise kernel; block i is dilated by 2**i to widen the context
+    num_classes: int = len(EMOTIONS)
+    num_speakers: int = 0  # > 0 adds a speaker head for the gradient-reversal adversary
+    n_mels: int = N_MELS  # the first n_mels input columns are log-mel bands
+    utterance_norm_mel: bool = True  # subtract each utterance's mean log-mel spectrum
+    dropout: float = 0.1
+
+
+class _ConvBlock(nn.Module):
+    """Residual block: depthwise dilated conv (time context) -> LayerNorm -> pointwise MLP."""
+
+    def __init__(self, width: int, kernel_size: int, dilation: int, dropout: float):
+        super().__init__()
+        self.depthwise = nn.Conv1d(width, width, kernel_size, padding=dilation * (kernel_size - 1) // 2,
+                                   dilation=dilation, groups=width)
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, width))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # x (B, T, D)
+        h = self.depthwise(x.transpose(1, 2)).transpose(1, 2)
+        x = x + self.mlp(self.norm(h))
+        # Padded frames are kept at zero, so a padded batch gives the same valid frames as one item.
+        return x * mask[..., None]
+
+
+class _GradientReversal(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by -scale (Ganin & Lempitsky, 2015)."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.scale * grad, None
+
+
+class EmotionEncoder(nn.Module):
+    """Frame-level emotion encoder: (B, T100, input_dim) at 100 Hz -> (B, T50, emotion_dim) at 50 Hz.
+
+    Stem: Conv1d(k=3, stride 2, padding 1) + GELU, the same geometry as Whisper's second
+    convolution, so output frame j is centred on input frame 2j (time 20 ms x j) exactly like
+    Whisper's encoder frame j, and T50 = ceil(T100 / 2) = ceil(n_samples / 320). Then
+    ``layers`` residual depthwise-convolution blocks with dilations 1, 2, 4, ... (about 1.2 s
+    of context with 4 blocks and kernel 5) and a final LayerNorm give the emotion frames.
+    Utterance head (for pretraining and the emotion filter): attentive statistics pooling
+    (attention-weighted mean and standard deviation over valid frames) -> Linear to 7 classes.
+    Input normalisation (per-utterance log-mel mean removal, then the training set's mean and
+    standard deviation, stored as buffers) happens inside, so saved models need no side file.
+    """
+
+    def __init__(self, config: EmotionEncoderConfig | None = None, **overrides):
+        super().__init__()
+        config = config or EmotionEncoderConfig(**overrides)
+        self.config = config
+        d = config.emotion_dim
+        self.register_buffer("feature_mean", torch.zeros(config.input_dim))
+        self.register_buffer("feature_std", torch.ones(config.input_dim))
+        self.stem = nn.Conv1d(config.input_dim, d, kernel_size=3, stride=2, padding=1)
+        self.blocks = nn.ModuleList(
+            _ConvBlock(d, config.kernel_size, 2**i, config.dropout) for i in range(config.layers)
+        )
+        self.out_norm = nn.LayerNorm(d)
+        self.attention = nn.Linear(d, 1)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(2 * d, config.num_classes)
+        self.speaker_head = (
+            nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, config.num_speakers))
+            if config.num_speakers > 0 else None
+        )
+
+    # input normalisation ------------------------------------------------------------------
+    def utterance_normalize(self, features: torch.Tensor, mask100: torch.Tensor) -> torch.Tensor:
+        """Remove each utterance's mean log-mel spectrum over its valid frames (if configured).
+
+        The long-term spectrum is mostly the voice (formants, vocal-tract length) and the
+        channel; removing it leaves spectral change over time, which keeps emotion and drops
+        much of the speaker. Pitch and energy columns are left alone.
+        """
+        if not self.config.utterance_norm_mel:
+            return features
+        n = self.config.n_mels
+        weights = mask100[..., None].float()
+        mean = (features[..., :n] * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
+        return torch.cat([features[..., :n] - mean, features[..., n:]], dim=-1)
+
+    def set_feature_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
+        """Store the training set's per-column mean and std (after ``utterance_normalize``)."""
+        self.feature_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.feature_std.copy_(torch.as_tensor(np.maximum(std, 1e-3), dtype=torch.float32))
+
+    # forward ------------------------------------------------------------------------------
+    def encode(self, features: torch.Tensor, lengths100: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T100, C) features and (B,) valid lengths -> (B, T50, D) frames and (B, T50) mask."""
+        mask100 = lengths_to_mask(lengths100, features.shape[1])
+        x = (self.utterance_normalize(features, mask100) - self.feature_mean) / self.feature_std
+        x = x * mask100[..., None]
+        x = F.gelu(self.stem(x.transpose(1, 2))).transpose(1, 2)
+        mask = lengths_to_mask(-(-lengths100 // 2), x.shape[1])
+        x = x * mask[..., None]
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.out_norm(x) * mask[..., None], mask
+
+    def pool(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attentive statistics pooling: (B, T50, D) -> (B, 2D) weighted mean and std."""
+        scores = self.attention(frames).squeeze(-1).masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scores, dim=1)[..., None]
+        mean = (weights * frames).sum(1)
+        var = (weights * (frames - mean[:, None]) ** 2).sum(1)
+        return torch.cat([mean, var.clamp(min=1e-6).sqrt()], dim=-1)
+
+    def utterance_logits(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.pool(frames, mask)))
+
+    def speaker_logits(self, frames: torch.Tensor, mask: torch.Tensor, reversal: float) -> torch.Tensor:
+        """Speaker logits from the plain mean of the frames, behind a gradient-reversal layer.
+
+        The adversary sees what the probes and the adapters see (the frames themselves, mean-
+        pooled), and reversing its gradient pushes the encoder to make speakers unrecoverable.
+        """
+        if self.speaker_head is None:
+            raise RuntimeError("this EmotionEncoder has no speaker head (config.num_speakers = 0)")
+        mean = (frames * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return self.speaker_head(_GradientReversal.apply(mean, reversal))
+
+    def forward(self, features: torch.Tensor, lengths100: torch.Tensor):
+        """(frames, mask, emotion logits)."""
+        frames, mask = self.encode(features, lengths100)
+        return frames, mask, self.utterance_logits(frames, mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: utterances of a manifest and their cached input features
+# ---------------------------------------------------------------------------------------------
+# Input features per wav file, so training, evaluation and probes compute them once per process.
+# float16 halves the memory (about 0.3 GB for the cpu preset); the features need no more precision.
+_INPUT_CACHE: dict[tuple[str, int, int], np.ndarray] = {}
+
+
+def clear_feature_cache() -> None:
+    _INPUT_CACHE.clear()
+
+
+def manifest_utterances(rows: list[dict], splits: tuple[str, ...], roles: tuple[str, ...] = ("query", "response")) -> list[dict]:
+    """Kept utterances of the given splits: one dict per wav with emotion, speaker, split, role."""
+    items = []
+    for row in rows:
+        if not row.get("kept") or row["split"] not in splits:
+            continue
+        for role in roles:
+            items.append({"pair_id": row["pair_id"], "role": role, "split": row["split"],
+                          "wav": row[f"{role}_wav"], "emotion": row[f"{role}_emotion"],
+                          "speaker": row[f"{role}_speaker"]})
+    return items
+
+
+@lru_cache(maxsize=4)
+def _resampler(sr_in: int):
+    import torchaudio
+
+    return torchaudio.transforms.Resample(sr_in, SAMPLE_RATE)
+
+
+def load_audio_16k(path: str | Path) -> np.ndarray:
+    """``audio.load_audio(path, target_sr=16000)``, with the resampling kernel built once per rate.
+
+    Same windowed-sinc filter (torchaudio), so the same samples up to float rounding (about
+    1e-5), but 5x faster: the functional form rebuilds its 22.05 -> 16 kHz kernel on every call.
+    """
+    wav, sr = load_audio(path)
+    if sr == SAMPLE_RATE:
+        return wav
+    with torch.inference_mode():
+        return _resampler(int(sr))(torch.from_numpy(wav)).numpy()
+
+
+def cached_input_features(paths: list[Path], progress: bool = False, desc: str = "emotion features") -> list[np.ndarray]:
+    """``emotion_input_features`` of each wav file (loaded at 16 kHz), memoised per file version."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for path in tqdm(paths, desc=desc, unit="wav", disable=not progress):
+        path = Path(path)
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        if key not in _INPUT_CACHE:
+            _INPUT_CACHE[key] = emotion_input_features(load_audio_16k(path)).astype(np.float16)
+        out.append(_INPUT_CACHE[key])
+    return out
+
+
+def _features_of_items(items: list[dict], run_root: str | Path, progress: bool) -> list[np.ndarray]:
+    return cached_input_features([Path(run_root) / it["wav"] for it in items], progress)
+
+
+def _pad_inputs(arrays: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded (B, T100, C) input batch and its (B,) lengths, the form ``EmotionEncoder`` takes."""
+    batch, mask = pad_frames(arrays)
+    return batch, mask.sum(1)
+
+
+def _encode_features(model: EmotionEncoder, features: list[np.ndarray], batch_size: int = 16):
+    """Frames (list of (T50_i, D)) and logits (N, 7) for a list of input feature arrays."""
+    frames: list[np.ndarray | None] = [None] * len(features)
+    logits = np.zeros((len(features), model.config.num_classes), dtype=np.float32)
+    model.eval()
+    with torch.inference_mode():
+        for idx in _length_sorted_batches([len(f) for f in features], batch_size):
+            batch, lengths = _pad_inputs([features[i] for i in idx])
+            out, mask, batch_logits = model(batch, lengths)
+            for row, i in enumerate(idx):
+                frames[i] = out[row, : int(mask[row].sum())].numpy().copy()
+                logits[i] = batch_logits[row].numpy()
+    return frames, logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+DEFAULT_TRAIN_CONFIG = {
+    "seed": 0,
+    "emotion_dim": 256,
+    "layers": 4,
+    "kernel_size": 5,
+    "dropout": 0.1,
+    "utterance_norm_mel": True,
+    "epochs": 8,
+    "lr": 2e-3,
+    "weight_decay": 0.01,
+    "batch_size": 32,
+    "crop_seconds": 4.0,  # training crops: long responses cost no more than a sentence
+    "class_balance": True,
+    "label_smoothing": 0.05,
+    "speaker_adversary": 0.0,  # gradient-reversal weight of the speaker adversary; 0 = off
+    "speaker_augment_semitones": 0.0,  # random voice change of training crops (see _speaker_augment); 0 = off
+}
+
+
+def _resolve_train_config(cfg: dict | None) -> dict:
+    cfg = dict(cfg or {})
+    unknown = sorted(set(cfg) - set(DEFAULT_TRAIN_CONFIG))
+    if unknown:
+        raise ValueError(f"unknown emotion-encoder training keys {unknown}; valid: {sorted(DEFAULT_TRAIN_CONFIG)}")
+    return {**DEFAULT_TRAIN_CONFIG, **cfg}
+
+
+def _feature_stats(model: EmotionEncoder, features: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    # Mean and std of every column over all valid training frames, after per-utterance
+    # normalisation, so the network sees inputs of unit scale (log-mel, semitones and dB differ a lot).
+    total = np.zeros(model.config.input_dim)
+    total_sq = np.zeros(model.config.input_dim)
+    count = 0
+    for f in features:
+        x = torch.from_numpy(np.asarray(f, dtype=np.float32))[None]
+        x = model.utterance_normalize(x, torch.ones(1, len(f), dtype=torch.bool))[0].double().numpy()
+        total += x.sum(0)
+        total_sq += (x**2).sum(0)
+        count += len(x)
+    mean = total / count
+    return mean, np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+
+
+def _random_crop(feature: np.ndarray, max_frames: int, rng: np.random.Generator) -> np.ndarray:
+    if len(feature) <= max_frames:
+        return feature
+    start = int(rng.integers(0, len(feature) - max_frames + 1))
+    return feature[start : start + max_frames]
+
+
+def _speaker_augment(feature: np.ndarray, rng: np.random.Generator, semitones: float) -> np.ndarray:
+    """A training crop as if said by another voice: absolute pitch and formants moved together.
+
+    The absolute log-F0 column moves by a random offset in [-semitones, +semitones], and the
+    log-mel bands are resampled along the mel axis by a factor exp(offset / 24) (a vocal-tract-
+    length change, approximately: formant frequencies scale with half the pitch change in log
+    terms, mel is roughly logarithmic above 1 kHz). Relative pitch, voicing and energy stay:
+    they carry the emotion, not the voice.
+    """
+    x = np.asarray(feature, dtype=np.float32).copy()
+    offset = float(rng.uniform(-semitones, semitones))
+    x[:, FEATURE_NAMES.index("log_f0_semitones")] += offset
+    source = np.clip(np.arange(N_MELS) / np.exp(offset / 24.0), 0, N_MELS - 1)
+    low = np.floor(source).astype(int)
+    high = np.minimum(low + 1, N_MELS - 1)
+    frac = (source - low).astype(np.float32)
+    x[:, :N_MELS] = x[:, low] * (1 - frac) + x[:, high] * frac
+    return x
+
+
+def _class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    # Inverse frequency, mean 1 over present classes: anger and fear occur only in queries,
+    # neutral and sadness dominate the responses.
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights / weights[counts > 0].mean(), dtype=torch.float32)
+
+
+def _shuffled_length_batches(lengths: list[int], batch_size: int, rng: np.random.Generator) -> list[list[int]]:
+    # Sort by length with random tie-breaking, cut into batches, shuffle the batch order:
+    # little padding, yet a different batch composition and order every epoch.
+    jitter = rng.random(len(lengths))
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], jitter[i]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float | None:
+    return float((logits.argmax(1) == labels).mean()) if len(labels) else None
+
+
+def train_emotion_encoder(rows: list[dict], run_root: str | Path, cfg: dict | None = None, progress: bool = True):
+    """Train an ``EmotionEncoder`` to classify the 7 emotions; returns ``(model, history)``.
+
+    Data: kept utterances (queries and responses, with their own emotion labels) of split
+    ``train``; validation on split ``val`` (the same speakers). The held-out test speakers are
+    never seen. Training uses random crops of ``crop_seconds``, length-bucketed batches,
+    AdamW with a one-cycle learning rate, class-balanced cross-entropy with label smoothing,
+    and optionally a gradient-reversal speaker adversary. The model of the epoch with the best
+    validation accuracy is returned. Everything is seeded from ``cfg["seed"]``.
+
+    ``history``: per-epoch lists ``train_loss``, ``train_accuracy``, ``val_loss``,
+    ``val_accuracy`` (and ``speaker_loss`` with the adversary), plus ``best_epoch``,
+    ``seconds`` (total, including feature extraction) and ``config``.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = _resolve_train_config(cfg)
+    started = time.perf_counter()
+    torch.manual_seed(cfg["seed"])
+    rng = np.random.default_rng(cfg["seed"])
+    train_items = manifest_utterances(rows, ("train",))
+    val_items = manifest_utterances(rows, ("val",))
+    if not train_items:
+        raise ValueError("no kept utterances with split 'train' in the manifest rows")
+    train_features = _features_of_items(train_items, run_root, progress)
+    val_features = _features_of_items(val_items, run_root, progress)
+    emotion_index = {e: i for i, e in enumerate(EMOTIONS)}
+    train_labels = np.array([emotion_index[it["emotion"]] for it in train_items])
+    val_labels = np.array([emotion_index[it["emotion"]] for it in val_items], dtype=np.int64)
+    speakers = sorted({it["speaker"] for it in train_items})
+    speaker_labels = torch.tensor([speakers.index(it["speaker"]) for it in train_items])
+
+    use_adversary = cfg["speaker_adversary"] > 0
+    model = EmotionEncoder(EmotionEncoderConfig(
+        emotion_dim=cfg["emotion_dim"], layers=cfg["layers"], kernel_size=cfg["kernel_size"],
+        dropout=cfg["dropout"], utterance_norm_mel=cfg["utterance_norm_mel"],
+        num_speakers=len(speakers) if use_adversary else 0,
+    ))
+    model.set_feature_stats(*_feature_stats(model, train_features))
+    weights = _class_weights(train_labels, len(EMOTIONS)) if cfg["class_balance"] else None
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg["label_smoothing"])
+    crop = max(2, int(cfg["crop_seconds"] * 100))
+    steps_per_epoch = math.ceil(len(train_items) / cfg["batch_size"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg["lr"], total_steps=cfg["epochs"] * steps_per_epoch,
+                                                   pct_start=0.15)
+    history: dict = {"train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": []}
+    if use_adversary:
+        history["speaker_loss"] = []
+    best_state, best_key = None, None
+    labels_tensor = torch.from_numpy(train_labels)
+    for epoch in range(cfg["epochs"]):
+        model.train()
+        crops = [_random_crop(f, crop, rng) for f in train_features]
+        if cfg["speaker_augment_semitones"] > 0:
+            crops = [_speaker_augment(c, rng, cfg["speaker_augment_semitones"]) for c in crops]
+        batches = _shuffled_length_batches([len(c) for c in crops], cfg["batch_size"], rng)
+        losses, correct, speaker_losses = [], 0, []
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch", disable=not progress, leave=False)
+        for idx in bar:
+            batch, lengths = _pad_inputs([crops[i] for i in idx])
+            frames, mask, logits = model(batch, lengths)
+            loss = criterion(logits, labels_tensor[idx])
+            if use_adversary:
+                # The head learns to find the speaker; the reversed gradient makes the encoder hide it.
+                speaker_loss = F.cross_entropy(model.speaker_logits(frames, mask, cfg["speaker_adversary"]),
+                                               speaker_labels[idx])
+                speaker_losses.append(speaker_loss.item())
+                loss = loss + speaker_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            correct += int((logits.argmax(1) == labels_tensor[idx]).sum())
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+        val_loss = val_accuracy = None  # None, not NaN, without a val split: metrics.json refuses NaN
+        if val_features:
+            _, val_logits = _encode_features(model, val_features)
+            val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)))
+            val_accuracy = _accuracy(val_logits, val_labels)
+        history["train_loss"].append(float(np.mean(losses)))
+        history["train_accuracy"].append(correct / len(train_items))
+        history["val_loss"].append(val_loss)
+        history["val_accuracy"].append(val_accuracy)
+        if use_adversary:
+            history["speaker_loss"].append(float(np.mean(speaker_losses)))
+        if progress:
+            print(f"epoch {epoch + 1}: train loss {history['train_loss'][-1]:.3f} acc {history['train_accuracy'][-1]:.3f}"
+                  + (f" | val loss {val_loss:.3f} acc {val_accuracy:.3f}" if val_features else ""))
+        # Best validation accuracy, ties broken by lower loss; without a val split, the last epoch.
+        key = (val_accuracy, -val_loss) if val_features else (epoch, 0.0)
+        if best_key is None or key > best_key:
+            best_key, history["best_epoch"] = key, epoch + 1
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    model.eval()
+    history["seconds"] = time.perf_counter() - started
+    history["config"] = cfg
+    history["train_utterances"], history["val_utterances"] = len(train_items), len(val_items)
+    return model, history
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and probes
+# ---------------------------------------------------------------------------------------------
+def _confusion(true: np.ndarray, predicted: np.ndarray, k: int) -> np.ndarray:
+    matrix = np.zeros((k, k), dtype=np.int64)
+    np.add.at(matrix, (true, predicted), 1)
+    return matrix
+
+
+def _recall_per_class(matrix: np.ndarray) -> dict:
+    totals = matrix.sum(1)
+    return {e: (float(matrix[i, i] / totals[i]) if totals[i] else None) for i, e in enumerate(EMOTIONS)}
+
+
+def evaluate_emotion_encoder(model: EmotionEncoder, rows: list[dict], run_root: str | Path, split: str = "test") -> dict:
+    """7-class accuracy on split ``test`` (held-out speakers): queries, and all utterances.
+
+    Returns accuracies, confusion matrices (rows = true, columns = predicted, in ``EMOTIONS``
+    order) and per-class recall, for queries (all 7 emotions) and for all utterances
+    (responses use 5 of them).
+    """
+    items = manifest_utterances(rows, (split,))
+    if not items:
+        raise ValueError(f"no kept utterances with split {split!r} in the manifest rows")
+    _, logits = _encode_features(model, _features_of_items(items, run_root, progress=False))
+    true = np.array([EMOTIONS.index(it["emotion"]) for it in items])
+    predicted = logits.argmax(1)
+    is_query = np.array([it["role"] == "query" for it in items])
+    k = len(EMOTIONS)
+    query_matrix = _confusion(true[is_query], predicted[is_query], k)
+    all_matrix = _confusion(true, predicted, k)
+    return {
+        "split": split,
+        "labels": list(EMOTIONS),
+        "query_accuracy": _accuracy(logits[is_query], true[is_query]),
+        "all_accuracy": _accuracy(logits, true),
+        "n_queries": int(is_query.sum()),
+        "n_utterances": len(items),
+        "query_confusion": query_matrix.tolist(),
+        "all_confusion": all_matrix.tolist(),
+        "query_recall": _recall_per_class(query_matrix),
+        "all_recall": _recall_per_class(all_matrix),
+        "speakers": sorted({it["speaker"] for it in items}),
+    }
+
+
+def _mean_pooled(frames: list[np.ndarray]) -> np.ndarray:
+    return np.stack([f.mean(0) for f in frames]).astype(np.float64)
+
+
+def _probe_split(emotions: list[str], speakers: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One 70/30 split for both probes, stratified by (speaker, emotion) where every cell allows it."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(emotions))
+    cells = [f"{s}/{e}" for s, e in zip(speakers, emotions)]
+    for strata in (cells, emotions, None):
+        try:
+            return train_test_split(index, test_size=0.3, random_state=seed, stratify=strata)
+        except ValueError:  # a stratum with a single member
+            continue
+    raise AssertionError("unreachable")
+
+
+def _linear_probe_accuracy(x: np.ndarray, labels: list[str], train_idx: np.ndarray, test_idx: np.ndarray) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    y = np.asarray(labels)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=1.0))
+    probe.fit(x[train_idx], y[train_idx])
+    return float(probe.score(x[test_idx], y[test_idx]))
+
+
+def _majority_rate(labels: list[str], test_idx: np.ndarray) -> float:
+    values, counts = np.unique(np.asarray(labels)[test_idx], return_counts=True)
+    return float(counts.max() / counts.sum())
+
+
+def probe_emotion_vs_speaker(model: EmotionEncoder, rows: list[dict], run_root: str | Path, seed: int = 0) -> dict:
+    """Linear probes on frozen, mean-pooled emotion frames: how much emotion vs speaker they hold.
+
+    Protocol (identical for both probes): kept utterances of the training speakers (splits
+    train and val, queries and responses), one stratified 70/30 split, a standardised
+    logistic regression per target, accuracy on the 30 %. Chance: the majority class's share
+    of the 30 % and 1 / number of classes. The encoder was trained on most of these utterances'
+    emotion labels, so the emotion probe is optimistic; the point is the comparison: an
+    encoder that "recognises" emotion by recognising speakers would show a high speaker probe.
+    """
+    items = manifest_utterances(rows, ("train", "val"))
+    frames, _ = _encode_features(model, _features_of_items(items, run_root, progress=False))
+    x = _mean_pooled(frames)
+    emotions = [it["emotion"] for it in items]
+    speakers = [it["speaker"] for it in items]
+    train_idx, test_idx = _probe_split(emotions, speakers, seed)
+    return {
+        "n_train": len(train_idx),
+        "n_test": len(test_idx),
+        "emotion_probe_accuracy": _linear_probe_accuracy(x, emotions, train_idx, test_idx),
+        "speaker_probe_accuracy": _linear_probe_accuracy(x, speakers, train_idx, test_idx),
+        "emotion_chance_majority": _majority_rate(emotions, test_idx),
+        "speaker_chance_majority": _majority_rate(speakers, test_idx),
+        "emotion_chance_uniform": 1.0 / len(set(emotions)),
+        "speaker_chance_uniform": 1.0 / len(set(speakers)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference helpers
+# ---------------------------------------------------------------------------------------------
+def emotion_frames(model: EmotionEncoder, wavs16k: list[np.ndarray], batch_size: int = 16) -> list[np.ndarray]:
+    """Emotion frames per signal: (T50_i, emotion_dim) float32, T50_i = ceil(n_samples / 320)."""
+    features = [emotion_input_features(_check_wav(w, i)) for i, w in enumerate(wavs16k)]
+    frames, _ = _encode_features(model, features, batch_size)
+    return frames  # type: ignore[return-value]
+
+
+def predict_emotions(model: EmotionEncoder, wavs16k: list[np.ndarray], batch_size: int = 16) -> tuple[list[str], list[float]]:
+    """Predicted emotion per signal and its softmax probability (the emotion-recognizer filter)."""
+    features = [emotion_input_features(_check_wav(w, i)) for i, w in enumerate(wavs16k)]
+    _, logits = _encode_features(model, features, batch_size)
+    probabilities = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    best = probabilities.argmax(1)
+    return [EMOTIONS[i] for i in best], [float(probabilities[r, i]) for r, i in enumerate(best)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+def save_emotion_encoder(path: str | Path, model: EmotionEncoder, history: dict | None = None) -> Path:
+    """Save config + state dict (+ optional training history) atomically."""
+    payload = {"kind": EMOTION_CHECKPOINT_KIND, "config": asdict(model.config), "state_dict": model.state_dict()}
+    if history is not None:
+        payload["history"] = history
+    return save_checkpoint(path, payload)
+
+
+def load_emotion_encoder(path: str | Path, expected_dim: int | None = None) -> EmotionEncoder:
+    """Load an ``EmotionEncoder`` saved by ``save_emotion_encoder`` (eval mode, CPU).
+
+    ``expected_dim`` is the preset's emotion width: a checkpoint of another width raises a
+    ``CheckpointError`` naming both. A missing file raises ``MissingInputError`` and a corrupt
+    one ``CheckpointError``, both naming notebooks/02_features.ipynb, which makes it.
+    """
+    payload = load_checkpoint(path, EMOTION_NOTEBOOK)
+    if payload.get("kind") != EMOTION_CHECKPOINT_KIND or "config" not in payload or "state_dict" not in payload:
+        raise CheckpointError(f"{path} is not an emotion-encoder checkpoint; run {EMOTION_NOTEBOOK} to make one.")
+    known = {f.name for f in fields(EmotionEncoderConfig)}
+    config = EmotionEncoderConfig(**{k: v for k, v in payload["config"].items() if k in known})
+    if expected_dim is not None and config.emotion_dim != expected_dim:
+        raise CheckpointError(
+            f"{path} holds an emotion encoder of width {config.emotion_dim}, but the preset expects width "
+            f"{expected_dim}. Run {EMOTION_NOTEBOOK} with this preset to train a matching encoder."
+        )
+    model = EmotionEncoder(config)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not match their config ({err}); run {EMOTION_NOTEBOOK} again.") from err
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters: 50 Hz -> 10 Hz, then the LLM's width
+# ---------------------------------------------------------------------------------------------
+def downsample_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T50) bool -> (B, ceil(T50 / 5)) bool: an output frame is valid if any of its 5 inputs is."""
+    pad = downsampled_length(mask.shape[1]) * ADAPTER_STRIDE - mask.shape[1]
+    padded = F.pad(mask.float(), (0, pad))
+    return padded.view(mask.shape[0], -1, ADAPTER_STRIDE).amax(-1) > 0
+
+
+class DownsampleAdapter(nn.Module):
+    """(B, T50, d_in) at 50 Hz -> (B, ceil(T50 / 5), d_out) at 10 Hz.
+
+    Conv1d(d_in -> d_out, kernel 3, stride 1, padding 1) + GELU mixes each frame with its
+    neighbours; Conv1d(d_out -> d_out, kernel 5, stride 5) then merges each 100 ms block of 5
+    frames into one (no overlap: every input frame feeds exactly one output frame). The input
+    is right-padded with zeros to a multiple of 5, and padded frames are zeroed before the
+    convolutions, so padding never changes valid outputs. Emotion Omni's adapters also end at
+    10 Hz (the "5x downsampling" of both streams).
+    """
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.mix = nn.Conv1d(d_in, d_out, kernel_size=3, stride=1, padding=1)
+        self.merge = nn.Conv1d(d_out, d_out, kernel_size=ADAPTER_STRIDE, stride=ADAPTER_STRIDE)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = downsampled_length(x.shape[1]) * ADAPTER_STRIDE - x.shape[1]
+        x = F.pad(x * mask[..., None], (0, 0, 0, pad))
+        mask_padded = F.pad(mask, (0, pad))
+        h = F.gelu(self.mix(x.transpose(1, 2))) * mask_padded[:, None, :]
+        out = self.merge(h).transpose(1, 2)
+        out_mask = downsample_mask(mask)
+        return out * out_mask[..., None], out_mask
+
+
+class SpeechProjector(nn.Module):
+    """Both streams to LLM input embeddings: adapters, per-frame concatenation, Linear to ``llm_dim``.
+
+    semantic (B, T50, 384) and emotion (B, T50, emotion_dim) with their shared (B, T50) mask
+    -> (B, ceil(T50 / 5), llm_dim) embeddings and (B, ceil(T50 / 5)) mask. Defaults: Whisper
+    tiny.en's 384, the kit's 256-d emotion frames, SmolLM2-135M's 576.
+    """
+
+    def __init__(self, semantic_dim: int = 384, emotion_dim: int = 256, llm_dim: int = 576,
+                 semantic_adapter_dim: int | None = None, emotion_adapter_dim: int | None = None):
+        super().__init__()
+        self.semantic_adapter = DownsampleAdapter(semantic_dim, semantic_adapter_dim or semantic_dim)
+        self.emotion_adapter = DownsampleAdapter(emotion_dim, emotion_adapter_dim or emotion_dim)
+        joint = (semantic_adapter_dim or semantic_dim) + (emotion_adapter_dim or emotion_dim)
+        self.project = nn.Linear(joint, llm_dim)
+
+    def forward(self, semantic: torch.Tensor, emotion: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if semantic.shape[:2] != emotion.shape[:2] or semantic.shape[:2] != mask.shape:
+            raise ValueError(
+                f"semantic {tuple(semantic.shape)}, emotion {tuple(emotion.shape)} and mask {tuple(mask.shape)} "
+                "must share (batch, frames): both streams are 50 Hz frames of the same audio"
+            )
+        s, out_mask = self.semantic_adapter(semantic, mask)
+        e, _ = self.emotion_adapter(emotion, mask)
+        return self.project(torch.cat([s, e], dim=-1)) * out_mask[..., None], out_mask
