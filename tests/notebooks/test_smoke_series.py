@@ -44,7 +44,7 @@ def test_every_notebook_was_executed(smoke_run):
 def test_metrics_are_complete_and_finite(smoke_run):
     run, _ = smoke_run
     metrics = json.loads((run / "metrics.json").read_text())
-    assert {"00_tour", "01_data", "02_features", "03_align", "run"} <= set(metrics)
+    assert {"00_tour", "01_data", "02_features", "03_align", "04_stage1", "run"} <= set(metrics)
     assert metrics["run"]["preset"] == "smoke" and "torch" in metrics["run"]["versions"]
     assert all(math.isfinite(x) for x in finite_numbers(metrics))
     data = metrics["01_data"]
@@ -66,6 +66,22 @@ def test_encoders_and_alignment(smoke_run):
     for name in ("semantic", "emotion", "trajectories"):
         assert (run / "features" / f"{name}.npy").exists()
     assert (run / "checkpoints" / "emotion_encoder" / "latest.pt").exists()
+
+
+def test_stage1_learns_and_is_evaluated(smoke_run):
+    run, _ = smoke_run
+    stage1 = json.loads((run / "metrics.json").read_text())["04_stage1"]
+    assert stage1["final_train_ce_nats"] < stage1["first_train_ce_nats"]  # 16 steps already lower the reply CE
+    assert 0 < stage1["trainable_parameters"] < 0.2 * stage1["total_parameters"]
+    for system in ("speech", "cascade", "oracle"):
+        accuracy = stage1[f"same_text_judge_accuracy_{system}"]
+        low, high = stage1[f"same_text_judge_ci_{system}"]
+        assert 0.0 <= low <= accuracy <= high <= 1.0
+    assert stage1["same_text_utterances"] > 0 and stage1["test_examples"] > 0
+    assert -1.0 <= stage1["heldout_trajectory_cosine"] <= 1.0
+    assert (run / "checkpoints" / "stage1" / "latest.pt").exists()
+    assert (run / "checkpoints" / "judge" / "judge.json").exists()
+    assert (run / "stage1" / "same_text_replies.jsonl").exists()
 
 
 def test_manifest_and_wavs(smoke_run):

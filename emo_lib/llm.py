@@ -1,0 +1,677 @@
+"""Stage 1: the speech LLM. Speech embeddings spliced into a chat prompt, LoRA, an emotion head.
+
+Emotion Omni's first stage teaches an instruction LLM to *listen*: the fused speech embeddings
+of the user's query (``encoders.SpeechProjector``, 10 Hz, LLM width) replace a placeholder in
+the backbone's own chat template, and the model is trained to write the empathetic reply. On
+top of the LLM's last hidden states an *emotion head* emits one emotion vector per response
+token: the affective plan that stage 2 turns into a voice. Training targets for that head are
+the DTW-aligned token trajectories of notebook 03. The loss (the paper's Eq. 3)::
+
+    L = CE(next token) + lambda * ( MSE(e_hat, e) + (1 - cos(e_hat, e)) )
+
+averaged over response tokens. Only the LoRA matrices, the projector (both adapters and the
+projection) and the emotion head learn; both speech encoders and the LLM's own weights stay
+frozen.
+
+Token bookkeeping, the one thing that must be exact: the response is tokenized on its own with
+``align.llm_tokenize`` (no special tokens), exactly as notebook 03 did when it averaged emotion
+frames per token, so target vector ``k`` belongs to response token ``k``. The sequence is::
+
+    [prefix ids] [speech frames] [suffix ids] [response ids] [<|im_end|>]
+     system + "<|im_start|>user\\n"     "<|im_end|>\\n<|im_start|>assistant\\n"
+
+The emotion of response token ``k`` is read from the hidden state at the position where token
+``k`` is *input* (one step after it was predicted), so during generation each token's emotion
+is known as soon as the token has been fed back, and the head is causal: streaming works.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .align import llm_tokenize
+from .encoders import SpeechProjector, downsampled_length
+
+SPEECH_PLACEHOLDER = "<speech>"
+# Short on purpose: every prompt token costs compute at every training step. The words say what
+# the model is asked to do; the emotion must come from the speech, never from the text.
+STAGE1_SYSTEM_PROMPT = "You are a caring friend. Listen to how the person sounds and reply with one or two short, warm sentences."
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+STAGE1_NOTEBOOK = "notebooks/04_stage1.ipynb"
+STAGE1_CHECKPOINT_KIND = "stage1"
+
+
+@dataclass
+class Stage1Config:
+    """Everything that fixes the shapes of a stage-1 model; saved in its checkpoints."""
+
+    llm: str = "packaged:smollm2-135m-instruct"
+    semantic_dim: int = 384
+    emotion_dim: int = 256
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple = LORA_TARGETS
+    head_width: int = 256
+    head_layers: int = 2
+    head_heads: int = 4
+    head_dropout: float = 0.1
+    emotion_weight: float = 1.0  # lambda of Eq. 3
+    max_speech_s: float = 12.0  # longer queries are truncated or rejected (over_long)
+    over_long: str = "truncate"  # "truncate" (keep the first max_speech_s) or "reject" (ValueError)
+    system_prompt: str = STAGE1_SYSTEM_PROMPT
+
+    def __post_init__(self):
+        if self.over_long not in ("truncate", "reject"):
+            raise ValueError(f"over_long must be 'truncate' or 'reject', got {self.over_long!r}")
+        self.lora_targets = tuple(self.lora_targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# The emotion head
+# ---------------------------------------------------------------------------------------------
+def causal_mask(n: int, device=None) -> torch.Tensor:
+    """(n, n) bool mask, True where attention is NOT allowed (a position sees itself and the past)."""
+    return torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1)
+
+
+class EmotionHead(nn.Module):
+    """LLM hidden states of the response tokens -> one emotion vector per token.
+
+    Linear(llm_dim -> width), a small *causal* Transformer encoder (pre-norm, ``layers`` blocks,
+    ``heads`` heads) so that a token's emotion may depend on the reply so far but never on words
+    not yet written (the paper's head is a Transformer encoder + MLP; causality is the kit's
+    choice, so that the trajectory can stream), then an MLP to ``emotion_dim``.
+    (B, N, llm_dim) + (B, N) mask -> (B, N, emotion_dim).
+    """
+
+    def __init__(self, llm_dim: int, emotion_dim: int, width: int = 256, layers: int = 2, heads: int = 4,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.inp = nn.Linear(llm_dim, width)
+        block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.mlp = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, emotion_dim))
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.inp(hidden)
+        x = self.encoder(x, mask=causal_mask(x.shape[1], x.device), src_key_padding_mask=~mask, is_causal=True)
+        return self.mlp(x) * mask[..., None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+def emotion_losses(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(MSE, 1 - cosine), each averaged over the valid tokens; zero for identical vectors.
+
+    MSE is the mean squared difference per dimension; 1 - cos ignores length and measures the
+    direction. Tokens without a target (mask False) contribute nothing.
+    """
+    m = mask.to(predicted.dtype)
+    count = m.sum().clamp_min(1.0)
+    mse = ((predicted - target) ** 2).mean(-1)
+    cosine = F.cosine_similarity(predicted, target, dim=-1, eps=1e-8)
+    return (mse * m).sum() / count, ((1.0 - cosine) * m).sum() / count
+
+
+def stage1_loss(ce: torch.Tensor, mse: torch.Tensor, one_minus_cos: torch.Tensor, emotion_weight: float) -> torch.Tensor:
+    """Eq. 3: CE + lambda * (MSE + (1 - cos))."""
+    return ce + emotion_weight * (mse + one_minus_cos)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt splicing
+# ---------------------------------------------------------------------------------------------
+def prompt_pieces(tokenizer, system_prompt: str = STAGE1_SYSTEM_PROMPT) -> tuple[list[int], list[int]]:
+    """Token ids before and after the speech in the backbone's own chat template.
+
+    The template is rendered with the user's message set to ``SPEECH_PLACEHOLDER`` and the
+    assistant turn opened (``add_generation_prompt``); the text is split at the placeholder and
+    each side tokenized without adding special tokens (the template already wrote them).
+    """
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": SPEECH_PLACEHOLDER}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if text.count(SPEECH_PLACEHOLDER) != 1:
+        raise ValueError(f"the chat template must render the placeholder {SPEECH_PLACEHOLDER!r} exactly once")
+    before, after = text.split(SPEECH_PLACEHOLDER)
+    encode = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    return encode(before), encode(after)
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that closes the assistant's turn (``<|im_end|>`` for ChatML templates)."""
+    for name in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        token = tokenizer.convert_tokens_to_ids(name)
+        if isinstance(token, int) and token != tokenizer.unk_token_id and token is not None:
+            return token
+    return tokenizer.eos_token_id
+
+
+def response_token_ids(tokenizer, text: str) -> list[int]:
+    """Response ids exactly as notebook 03 tokenized them (so the k-th target fits the k-th token)."""
+    return llm_tokenize(tokenizer, text)[0]
+
+
+@dataclass
+class Stage1Example:
+    """One training or evaluation example: query frames at 50 Hz, response ids and targets."""
+
+    pair_id: str
+    semantic: np.ndarray  # (T50, semantic_dim)
+    emotion: np.ndarray  # (T50, emotion_dim)
+    response_ids: list[int] = field(default_factory=list)
+    trajectory: np.ndarray | None = None  # (len(response_ids), emotion_dim) or None
+
+
+def limit_speech(example: Stage1Example, max_speech_s: float, policy: str) -> tuple[Stage1Example, bool]:
+    """Apply the over-long rule; returns the example and whether it was cut.
+
+    ``truncate`` keeps the first ``max_speech_s`` of both streams (the query's opening usually
+    carries its point); ``reject`` raises a ValueError naming the pair and both durations.
+    """
+    limit = int(round(max_speech_s * 50))
+    if len(example.semantic) != len(example.emotion):
+        raise ValueError(f"{example.pair_id}: semantic ({len(example.semantic)}) and emotion ({len(example.emotion)}) "
+                         "frames must share the 50 Hz clock")
+    if len(example.semantic) <= limit:
+        return example, False
+    if policy == "reject":
+        raise ValueError(f"{example.pair_id}: query speech of {len(example.semantic) / 50:.1f} s is longer than "
+                         f"max_speech_s = {max_speech_s} s (policy 'reject'; use 'truncate' to keep its start)")
+    return Stage1Example(example.pair_id, example.semantic[:limit], example.emotion[:limit],
+                         example.response_ids, example.trajectory), True
+
+
+@dataclass
+class SplicedBatch:
+    """A padded batch of spliced sequences (right padding for training)."""
+
+    inputs_embeds: torch.Tensor  # (B, L, H)
+    attention_mask: torch.Tensor  # (B, L) long
+    labels: torch.Tensor  # (B, L): next-token targets in HF convention (-100 outside the response)
+    response_positions: torch.Tensor  # (B, N) positions where response token k is input; -1 = padding
+    response_mask: torch.Tensor  # (B, N) bool
+    target_mask: torch.Tensor  # (B, N) bool: response token has an emotion target
+    targets: torch.Tensor  # (B, N, E) DTW trajectories (zeros where no target)
+    speech_frames: list[int]  # 10 Hz frames per example
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+class SpeechLLM(nn.Module):
+    """Projector + LoRA-wrapped LLM + emotion head. Build with ``build_speech_llm``."""
+
+    def __init__(self, llm, tokenizer, config: Stage1Config):
+        super().__init__()
+        self.config = config
+        self.llm = llm
+        self.tokenizer = tokenizer
+        hidden = llm.config.hidden_size
+        self.projector = SpeechProjector(config.semantic_dim, config.emotion_dim, hidden)
+        self.head = EmotionHead(hidden, config.emotion_dim, config.head_width, config.head_layers,
+                                config.head_heads, config.head_dropout)
+        prefix, suffix = prompt_pieces(tokenizer, config.system_prompt)
+        # Emotion targets are standardized with the training set's per-dimension mean and
+        # standard deviation (``set_target_stats``): emotion frames share a large common
+        # direction (a constant vector already scores cosine ~0.97), so on raw vectors the loss
+        # would mostly reward that direction. The head predicts standardized vectors; outputs
+        # are mapped back to the emotion encoder's space.
+        self.register_buffer("target_mean", torch.zeros(config.emotion_dim))
+        self.register_buffer("target_std", torch.ones(config.emotion_dim))
+        self.register_buffer("prefix_ids", torch.tensor(prefix), persistent=False)
+        self.register_buffer("suffix_ids", torch.tensor(suffix), persistent=False)
+        self.end_id = end_of_turn_id(tokenizer)
+
+    def set_target_stats(self, examples: list[Stage1Example]) -> None:
+        """Per-dimension mean and standard deviation of the training trajectories (floor 1e-3)."""
+        vectors = np.concatenate([e.trajectory for e in examples if e.trajectory is not None])
+        self.target_mean.copy_(torch.as_tensor(vectors.mean(0), dtype=torch.float32))
+        self.target_std.copy_(torch.as_tensor(np.maximum(vectors.std(0), 1e-3), dtype=torch.float32))
+
+    def emotion_vectors(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Emotion vectors in the emotion encoder's space from response hidden states."""
+        return (self.head(hidden.float(), mask) * self.target_std + self.target_mean) * mask[..., None]
+
+    # -- pieces -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.prefix_ids.device
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(ids)
+
+    def speech_embeddings(self, examples: list[Stage1Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T10, H) projected speech and its (B, T10) mask, with the over-long rule applied."""
+        limited = [limit_speech(e, self.config.max_speech_s, self.config.over_long)[0] for e in examples]
+        for e in limited:
+            if len(e.semantic) == 0:
+                raise ValueError(f"{e.pair_id}: the query has no speech frames (empty audio)")
+        t50 = max(len(e.semantic) for e in limited)
+        dev = self.device
+        semantic = torch.zeros(len(limited), t50, self.config.semantic_dim, device=dev)
+        emotion = torch.zeros(len(limited), t50, self.config.emotion_dim, device=dev)
+        mask = torch.zeros(len(limited), t50, dtype=torch.bool, device=dev)
+        for i, e in enumerate(limited):
+            if e.semantic.shape[1] != self.config.semantic_dim or e.emotion.shape[1] != self.config.emotion_dim:
+                raise ValueError(f"{e.pair_id}: frames of width {e.semantic.shape[1]} + {e.emotion.shape[1]}, the "
+                                 f"model expects {self.config.semantic_dim} + {self.config.emotion_dim}")
+            semantic[i, : len(e.semantic)] = torch.as_tensor(np.asarray(e.semantic, dtype=np.float32), device=dev)
+            emotion[i, : len(e.emotion)] = torch.as_tensor(np.asarray(e.emotion, dtype=np.float32), device=dev)
+            mask[i, : len(e.semantic)] = True
+        return self.projector(semantic, emotion, mask)
+
+    def splice(self, examples: list[Stage1Example], with_response: bool = True) -> SplicedBatch:
+        """Build the padded input embeddings, masks, labels and emotion targets of a batch.
+
+        With ``with_response`` the reply and ``<|im_end|>`` follow the prompt (teacher forcing),
+        right-padded; without it the batch holds prompts only, LEFT-padded so that generation
+        continues every row from its last real position.
+        """
+        speech, speech_mask = self.speech_embeddings(examples)
+        prefix = self.embed_tokens(self.prefix_ids)
+        suffix = self.embed_tokens(self.suffix_ids)
+        rows, label_rows, positions, n_frames = [], [], [], []
+        for i, e in enumerate(examples):
+            t10 = int(speech_mask[i].sum())
+            n_frames.append(t10)
+            parts = [prefix, speech[i, :t10], suffix]
+            labels = [-100] * (len(prefix) + t10 + len(suffix))
+            start = sum(len(p) for p in parts)
+            if with_response:
+                ids = list(e.response_ids) + [self.end_id]
+                parts.append(self.embed_tokens(torch.tensor(ids, device=self.device)))
+                # HF shifts labels inside the model: label at position p is the token at p.
+                # The last prompt position predicts the first response token, so labels on the
+                # response positions are the response ids themselves.
+                labels += ids
+            rows.append(torch.cat(parts, 0))
+            label_rows.append(labels)
+            positions.append(list(range(start, start + len(e.response_ids))) if with_response else [])
+        length = max(len(r) for r in rows)
+        b, h = len(rows), rows[0].shape[1]
+        embeds = rows[0].new_zeros(b, length, h)
+        attention = torch.zeros(b, length, dtype=torch.long, device=self.device)
+        labels = torch.full((b, length), -100, dtype=torch.long, device=self.device)
+        n_resp = max([len(p) for p in positions] + [1])
+        pos = torch.full((b, n_resp), -1, dtype=torch.long, device=self.device)
+        targets = torch.zeros(b, n_resp, self.config.emotion_dim, device=self.device)
+        target_mask = torch.zeros(b, n_resp, dtype=torch.bool, device=self.device)
+        for i, row in enumerate(rows):
+            n = len(row)
+            offset = 0 if with_response else length - n  # left padding for generation
+            embeds[i, offset : offset + n] = row
+            attention[i, offset : offset + n] = 1
+            labels[i, offset : offset + n] = torch.tensor(label_rows[i], device=self.device)
+            if positions[i]:
+                pos[i, : len(positions[i])] = torch.tensor(positions[i], device=self.device)
+                trajectory = examples[i].trajectory
+                if trajectory is not None:
+                    if len(trajectory) != len(examples[i].response_ids):
+                        raise ValueError(f"{examples[i].pair_id}: {len(trajectory)} trajectory vectors for "
+                                         f"{len(examples[i].response_ids)} response tokens; rerun notebook 03")
+                    targets[i, : len(trajectory)] = torch.as_tensor(np.asarray(trajectory, dtype=np.float32), device=self.device)
+                    target_mask[i, : len(trajectory)] = True
+        return SplicedBatch(embeds, attention, labels, pos, pos >= 0, target_mask, targets, n_frames)
+
+    # -- training forward ----------------------------------------------------------------------
+    def forward(self, examples: list[Stage1Example]) -> dict:
+        """Teacher-forced forward: loss terms, the response hidden states and emotion vectors."""
+        batch = self.splice(examples, with_response=True)
+        out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                       output_hidden_states=True, use_cache=False)
+        logits = out.logits[:, :-1].float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=-100)
+        last = out.hidden_states[-1]
+        gather = batch.response_positions.clamp_min(0)
+        response_hidden = torch.gather(last, 1, gather[..., None].expand(-1, -1, last.shape[-1]))
+        standardized = self.head(response_hidden.float(), batch.response_mask)
+        target = (batch.targets - self.target_mean) / self.target_std
+        mse, cos = emotion_losses(standardized, target, batch.target_mask)
+        loss = stage1_loss(ce, mse, cos, self.config.emotion_weight)
+        predicted = (standardized * self.target_std + self.target_mean) * batch.response_mask[..., None]
+        return {"loss": loss, "ce": ce, "mse": mse, "one_minus_cos": cos, "emotion": predicted,
+                "hidden": response_hidden, "response_mask": batch.response_mask, "target_mask": batch.target_mask,
+                "targets": batch.targets}
+
+    # -- inference -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, examples: list[Stage1Example], max_new_tokens: int = 40, repetition_penalty: float = 1.1,
+                 stream=None) -> list[dict]:
+        """Greedy replies from speech alone, with each token's hidden state and emotion vector.
+
+        A hand-written loop over the KV cache (rather than ``generate``) so that every step
+        hands out its token, its last-layer hidden state and its emotion vector: what stage 2
+        and the streaming demo consume. ``stream`` (optional) is called as
+        ``stream(step, token_ids)`` after each step. ``repetition_penalty`` divides the logits
+        of tokens already written (CTRL's rule): a 135M model otherwise loops on phrases.
+        Returns per example: ``text``, ``token_ids``, ``hidden`` (N, H) and ``emotion`` (N, E).
+        """
+        batch = self.splice(examples, with_response=False)
+        attention = batch.attention_mask
+        position = (attention.cumsum(1) - 1).clamp_min(0)
+        out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=attention, position_ids=position, use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[:, -1].float()
+        b = len(examples)
+        written = [[] for _ in range(b)]
+        hidden = [[] for _ in range(b)]
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        next_position = position[:, -1] + 1
+        for step in range(max_new_tokens):
+            if repetition_penalty != 1.0:
+                for i in range(b):
+                    if written[i]:
+                        seen = torch.tensor(sorted(set(written[i])), device=self.device)
+                        values = logits[i, seen]
+                        logits[i, seen] = torch.where(values > 0, values / repetition_penalty, values * repetition_penalty)
+            token = logits.argmax(-1)
+            token = torch.where(done, torch.full_like(token, self.end_id), token)
+            finished_now = token == self.end_id
+            attention = torch.cat([attention, torch.ones(b, 1, dtype=attention.dtype, device=self.device)], 1)
+            out = self.llm(inputs_embeds=self.embed_tokens(token[:, None]), attention_mask=attention,
+                           position_ids=next_position[:, None], past_key_values=cache, use_cache=True,
+                           output_hidden_states=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1].float()
+            next_position = next_position + 1
+            for i in range(b):
+                if not done[i] and not finished_now[i]:
+                    written[i].append(int(token[i]))
+                    hidden[i].append(out.hidden_states[-1][i, -1].float())
+            done = done | finished_now
+            if stream is not None:
+                stream(step, [w[-1] if w else None for w in written])
+            if bool(done.all()):
+                break
+        results = []
+        for i in range(b):
+            h = torch.stack(hidden[i]) if hidden[i] else torch.zeros(0, self.llm.config.hidden_size, device=self.device)
+            emotion = self.emotion_vectors(h[None], torch.ones(1, len(h), dtype=torch.bool, device=self.device))[0] \
+                if len(h) else torch.zeros(0, self.config.emotion_dim, device=self.device)
+            results.append({"text": self.tokenizer.decode(written[i], skip_special_tokens=True).strip(),
+                            "token_ids": written[i], "hidden": h.cpu().numpy(), "emotion": emotion.cpu().numpy()})
+        return results
+
+    # -- parameters and state ------------------------------------------------------------------
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by group: ``lora`` and ``adapters`` (projector + emotion head)."""
+        lora = [p for n, p in self.llm.named_parameters() if p.requires_grad and "lora_" in n]
+        adapters = list(self.projector.parameters()) + list(self.head.parameters())
+        return {"lora": lora, "adapters": adapters}
+
+    def trainable_state(self) -> dict:
+        """What a checkpoint must hold: LoRA tensors, projector and head (the frozen LLM is not saved)."""
+        lora = {n: p.detach().cpu().clone() for n, p in self.llm.named_parameters() if "lora_" in n}
+        return {"lora": lora, "projector": self.projector.state_dict(), "head": self.head.state_dict(),
+                "target_mean": self.target_mean.cpu().clone(), "target_std": self.target_std.cpu().clone()}
+
+    def load_trainable_state(self, state: dict) -> None:
+        named = dict(self.llm.named_parameters())
+        missing = [n for n in named if "lora_" in n and n not in state["lora"]]
+        unexpected = [n for n in state["lora"] if n not in named]
+        if missing or unexpected:
+            raise ValueError(f"LoRA tensors do not match this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        with torch.no_grad():
+            for n, value in state["lora"].items():
+                if named[n].shape != value.shape:
+                    raise ValueError(f"LoRA tensor {n} has shape {tuple(value.shape)} in the checkpoint but "
+                                     f"{tuple(named[n].shape)} in this model (a different LoRA rank?)")
+                named[n].copy_(value)
+        self.projector.load_state_dict(state["projector"])
+        self.head.load_state_dict(state["head"])
+        self.target_mean.copy_(state["target_mean"])
+        self.target_std.copy_(state["target_std"])
+
+
+def apply_lora(llm, config: Stage1Config):
+    """Wrap ``llm`` with peft LoRA adapters on ``config.lora_targets``; every other weight is frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    for p in llm.parameters():
+        p.requires_grad_(False)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_targets), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(llm, lora)
+
+
+def build_speech_llm(config: Stage1Config, llm=None, tokenizer=None, device: str = "cpu") -> SpeechLLM:
+    """The stage-1 model: backbone from ``config.llm`` (or the given ``llm``/``tokenizer``), LoRA, projector, head."""
+    if llm is None or tokenizer is None:
+        from .pretrained import load_llm
+
+        llm, tokenizer = load_llm(config.llm, device="cpu")
+    model = SpeechLLM(apply_lora(llm, config), tokenizer, config)
+    return model.to(device)
+
+
+def count_trainable(model: SpeechLLM) -> dict:
+    """Trainable and total parameters, by group (the notebook prints this table)."""
+    groups = model.parameter_groups()
+    total = sum(p.numel() for p in model.parameters())
+    counts = {name: sum(p.numel() for p in params) for name, params in groups.items()}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {**counts, "trainable": trainable, "total": total, "trainable_share": trainable / total}
+
+
+def checkpoint_payload(model: SpeechLLM, extra: dict | None = None) -> dict:
+    return {"kind": STAGE1_CHECKPOINT_KIND, "config": asdict(model.config), "state": model.trainable_state(), **(extra or {})}
+
+
+def check_checkpoint_config(saved: dict, config: Stage1Config, path) -> None:
+    """Refuse a checkpoint whose shapes differ from ``config`` (e.g. another LoRA rank), naming both."""
+    from .train import CheckpointError
+
+    keys = ("lora_r", "lora_targets", "emotion_dim", "semantic_dim", "head_width", "head_layers", "llm")
+    wanted = asdict(config)
+    for key in keys:
+        have, want = saved.get(key), wanted[key]
+        if isinstance(have, list):
+            have = tuple(have)
+        if have != want:
+            raise CheckpointError(
+                f"{path} was trained with {key} = {have!r}, but this run asks for {key} = {want!r}. Resume with the "
+                f"same setting, or start fresh (delete the folder {getattr(path, 'parent', path)} or use another RUN_NAME)."
+            )
+
+
+def load_stage1(path, device: str = "cpu", llm=None, tokenizer=None) -> SpeechLLM:
+    """A trained stage-1 model from a checkpoint written by notebook 04 (eval mode)."""
+    from .train import CheckpointError, load_checkpoint
+
+    payload = load_checkpoint(path, STAGE1_NOTEBOOK)
+    if payload.get("kind") != STAGE1_CHECKPOINT_KIND:
+        raise CheckpointError(f"{path} is not a stage-1 checkpoint; run {STAGE1_NOTEBOOK} to make one.")
+    known = set(Stage1Config.__dataclass_fields__)
+    config = Stage1Config(**{k: v for k, v in payload["config"].items() if k in known})
+    model = build_speech_llm(config, llm, tokenizer, device="cpu")
+    try:
+        model.load_trainable_state(payload["state"])
+    except (ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: {err}; run {STAGE1_NOTEBOOK} again.") from err
+    return model.to(device).eval()
+
+
+def speech_frames_10hz(t50: int) -> int:
+    """LLM positions that ``t50`` speech frames take in the prompt (10 Hz)."""
+    return downsampled_length(t50)
+
+
+def trajectory_cosine(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean cosine similarity between predicted and target token vectors over valid tokens."""
+    cosine = F.cosine_similarity(predicted, target, dim=-1)
+    return float((cosine * mask).sum() / mask.sum().clamp_min(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data from the run directory
+# ---------------------------------------------------------------------------------------------
+def load_stage1_examples(run, rows: list[dict], tokenizer, splits: tuple[str, ...], require_trajectory: bool = True,
+                         sources: tuple[str, ...] | None = None) -> tuple[list[Stage1Example], dict]:
+    """Stage-1 examples of the kept pairs in ``splits``, read from notebooks 02 and 03's outputs.
+
+    Query frames come from ``features/semantic.npy`` and ``features/emotion.npy``; response
+    targets from ``features/trajectories.npy``, checked token by token against
+    ``features/token_spans.jsonl`` (the ids notebook 03 aligned must be the ids tokenized here).
+    A pair without a trajectory (or with mismatching ids) is skipped when ``require_trajectory``
+    and counted, never given zero targets silently; without ``require_trajectory`` it is kept
+    with ``trajectory=None`` (no emotion loss for it). Returns ``(examples, counts)``.
+    """
+    from .paths import read_jsonl
+    from .store import FrameStore
+
+    features = run.root / "features"
+    semantic = FrameStore(run.require(features / "semantic.npy", "semantic_frames"))
+    emotion = FrameStore(run.require(features / "emotion.npy", "emotion_frames"))
+    trajectories = FrameStore(run.require(features / "trajectories.npy", "trajectories"))
+    spans = {s["pair_id"]: s["llm_token_ids"] for s in read_jsonl(run.require(features / "token_spans.jsonl", "trajectories"))}
+    counts = {"selected": 0, "used": 0, "no_query_frames": 0, "no_trajectory": 0, "token_mismatch": 0}
+    examples = []
+    for r in rows:
+        if not r.get("kept", True) or r["split"] not in splits or (sources and r["source"] not in sources):
+            continue
+        counts["selected"] += 1
+        key = f"{r['pair_id']}_q"
+        if key not in semantic or key not in emotion:
+            counts["no_query_frames"] += 1
+            continue
+        ids = response_token_ids(tokenizer, r["response_text"])
+        trajectory = None
+        if r["pair_id"] not in trajectories:
+            counts["no_trajectory"] += 1
+        elif spans.get(r["pair_id"]) != ids:
+            counts["token_mismatch"] += 1
+        else:
+            trajectory = trajectories[r["pair_id"]]
+        if trajectory is None and require_trajectory:
+            continue
+        examples.append(Stage1Example(r["pair_id"], semantic[key], emotion[key], ids, trajectory))
+        counts["used"] += 1
+    return examples, counts
+
+
+def tidy_reply(raw: str) -> str:
+    """A generated reply cut to its first sentences (the corpus rule), or the raw text if that empties it."""
+    from .corpus import clean_reply
+
+    return clean_reply(raw) or raw.strip()
+
+
+def plain_messages(text: str, emotion: str | None = None) -> list[dict]:
+    """The stage-1 system prompt and the typed text: the cascade's plain prompt (no examples, no emotion)."""
+    return [{"role": "system", "content": STAGE1_SYSTEM_PROMPT}, {"role": "user", "content": text}]
+
+
+def text_replies(llm, tokenizer, texts: list[str], emotions: list[str] | None, prompt: str = "few-shot",
+                 batch_size: int = 16, max_new_tokens: int = 40, progress: bool = True) -> list[str]:
+    """Replies of the *base* backbone to typed text: the cascade and oracle baselines.
+
+    ``emotions=None``: a text-only cascade (the transcript, no word about how it was said), with
+    ``prompt="few-shot"`` (the data-generation chat, its emotion tags removed) or ``"plain"``
+    (the stage-1 system prompt, no examples). With emotions: the oracle, given the transcript and
+    the true emotion label in the very prompt that wrote the training replies
+    (``corpus.chat_messages``). Greedy decoding with a repetition penalty of 1.1.
+    """
+    from .corpus import chat_messages, generate_replies
+
+    if prompt not in ("few-shot", "plain"):
+        raise ValueError(f"prompt must be 'few-shot' or 'plain', got {prompt!r}")
+    if prompt == "plain" and emotions is not None:
+        raise ValueError("the plain prompt has no place for an emotion label; use prompt='few-shot' for the oracle")
+    items = [{"text": t, "emotion": (emotions[i] if emotions is not None else None)} for i, t in enumerate(texts)]
+    raw = generate_replies(llm, tokenizer, items, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+                           messages_fn=plain_messages if prompt == "plain" else chat_messages)
+    return [tidy_reply(r) for r in raw]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and held-out evaluation (used by notebook 04)
+# ---------------------------------------------------------------------------------------------
+def config_from_preset(cfg: dict, semantic_dim: int, emotion_dim: int) -> Stage1Config:
+    """The stage-1 model config of a preset (``stage1`` section) and the frame widths of the run."""
+    s = cfg["stage1"]
+    return Stage1Config(llm=cfg["models"]["llm"], semantic_dim=semantic_dim, emotion_dim=emotion_dim,
+                        lora_r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
+                        lora_targets=tuple(s["lora_targets"]), head_width=s["head_width"], head_layers=s["head_layers"],
+                        emotion_weight=s["emotion_weight"], max_speech_s=s["max_speech_s"], over_long=s["over_long"])
+
+
+def loop_from_preset(cfg: dict) -> dict:
+    """The training-loop settings (``train.train_loop``) of a preset's ``stage1`` section."""
+    s = cfg["stage1"]
+    return {"steps": s["steps"], "batch_size": s["batch_size"], "accumulation": s["accumulation"],
+            "lr": {"lora": s["lr_lora"], "adapters": s["lr_adapters"]},
+            "weight_decay": {"lora": s["weight_decay_lora"], "adapters": s["weight_decay_adapters"]},
+            "warmup_steps": s["warmup_steps"], "clip_norm": s["clip_norm"], "eval_every": s["eval_every"],
+            "checkpoint_every": s["eval_every"], "seed": cfg["seed"]}
+
+
+@torch.no_grad()
+def evaluate_teacher_forced(model: SpeechLLM, examples: list[Stage1Example], batch_size: int = 8,
+                            progress: bool = False) -> dict:
+    """Held-out loss terms and trajectory cosine under teacher forcing.
+
+    Also the cosine of a *constant* predictor, the mean target vector of these very examples:
+    emotion frames share a large common direction, so a raw cosine alone would flatter the head.
+    The *centered* cosine subtracts the training mean vector from both sides first: 0 for the
+    constant predictor, so it measures only the emotion-specific part of the plan. ``mse`` and
+    ``one_minus_cos`` are the loss terms (standardized space). Returns per-token averages of
+    ``ce``, ``mse``, ``one_minus_cos``, ``trajectory_cosine``, ``centered_cosine``,
+    ``constant_cosine`` and the number of ``tokens``.
+    """
+    from tqdm.auto import tqdm
+
+    sums = {"ce": 0.0, "mse": 0.0, "one_minus_cos": 0.0, "trajectory_cosine": 0.0, "centered_cosine": 0.0}
+    weights = {"ce": 0, "emotion": 0}
+    mean_target = None
+    with_targets = [e for e in examples if e.trajectory is not None]
+    if with_targets:
+        mean_target = torch.as_tensor(np.concatenate([e.trajectory for e in with_targets]).mean(0), device=model.device)
+    constant = 0.0
+    for start in tqdm(range(0, len(examples), batch_size), desc="held-out", disable=not progress, leave=False):
+        chunk = examples[start : start + batch_size]
+        out = model(chunk)
+        tokens = int(out["response_mask"].sum()) + len(chunk)  # + <|im_end|>
+        targets = int(out["target_mask"].sum())
+        sums["ce"] += float(out["ce"]) * tokens
+        weights["ce"] += tokens
+        if targets:
+            sums["mse"] += float(out["mse"]) * targets
+            sums["one_minus_cos"] += float(out["one_minus_cos"]) * targets
+            sums["trajectory_cosine"] += trajectory_cosine(out["emotion"], out["targets"], out["target_mask"]) * targets
+            constant += trajectory_cosine(mean_target.expand_as(out["targets"]), out["targets"], out["target_mask"]) * targets
+            centre = model.target_mean  # the training mean: what is left is the emotion-specific part
+            sums["centered_cosine"] += trajectory_cosine(out["emotion"] - centre, out["targets"] - centre,
+                                                         out["target_mask"]) * targets
+            weights["emotion"] += targets
+    result = {"ce": sums["ce"] / max(1, weights["ce"])}
+    for key in ("mse", "one_minus_cos", "trajectory_cosine", "centered_cosine"):
+        result[key] = sums[key] / max(1, weights["emotion"])
+    result["constant_cosine"] = constant / max(1, weights["emotion"])
+    result["tokens"] = weights["emotion"]
+    return result
+
+
+def train_stage1(model: SpeechLLM, train: list[Stage1Example], val: list[Stage1Example], loop: dict, checkpoint_dir,
+                 progress: bool = True, device: str = "cpu") -> dict:
+    """Stage-1 training with ``train.train_loop``: resumable, evaluated on ``val`` as it goes."""
+    from .train import train_loop
+
+    def check(payload, path):
+        if payload.get("kind") != STAGE1_CHECKPOINT_KIND:
+            from .train import CheckpointError
+
+            raise CheckpointError(f"{path} is not a stage-1 checkpoint; delete it to start fresh.")
+        check_checkpoint_config(payload["config"], model.config, path)
+
+    return train_loop(model, model.parameter_groups(), train, lambda m, batch: m(batch), loop, checkpoint_dir,
+                      eval_fn=lambda m: evaluate_teacher_forced(m, val), payload_fn=checkpoint_payload,
+                      check_resume=check, lengths=[len(e.semantic) // 5 + len(e.response_ids) for e in train],
+                      progress=progress, device=device)
