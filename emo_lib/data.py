@@ -229,6 +229,20 @@ def apply_emotion_filter(rows: list[dict], predictions: dict, min_confidence: fl
             "dropped_for_response": dropped["response"], "kept_pairs": sum(r["kept"] for r in rows)}
 
 
+def reset_emotion_filter(rows: list[dict]) -> int:
+    """Undo ``apply_emotion_filter``: pairs it dropped are kept again and every ``ser_*`` column
+    is cleared. Notebook 02 calls it first, so a re-run trains on the same pairs as the first
+    run and decides the filter afresh. Returns how many pairs came back."""
+    restored = 0
+    for row in rows:
+        if not row["kept"] and row.get("drop_reason") == "ser_mismatch":
+            row.update(kept=True, drop_reason=None)
+            restored += 1
+        for role in ("query", "response"):
+            row[f"ser_{role}_label"] = row[f"ser_{role}_confidence"] = None
+    return restored
+
+
 def save_manifest(run: RunDir, rows: list[dict]) -> None:
     write_jsonl_atomic(run.manifest, rows)
 

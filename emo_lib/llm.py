@@ -325,11 +325,14 @@ class SpeechLLM(nn.Module):
     def forward(self, examples: list[Stage1Example]) -> dict:
         """Teacher-forced forward: loss terms, the response hidden states and emotion vectors."""
         batch = self.splice(examples, with_response=True)
-        out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                       output_hidden_states=True, use_cache=False)
-        logits = out.logits[:, :-1].float()
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=-100)
-        last = out.hidden_states[-1]
+        causal_lm = self.llm.get_base_model()  # the LoRA-injected LlamaForCausalLM (or Qwen2…)
+        last = causal_lm.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                               use_cache=False).last_hidden_state
+        # The vocabulary projection (576 x 49 152 for SmolLM2) is a fifth of the compute per
+        # position; only positions that predict a reply token need it, not the prompt's.
+        predicts = batch.labels[:, 1:] != -100
+        logits = causal_lm.lm_head(last[:, :-1][predicts]).float()
+        ce = F.cross_entropy(logits, batch.labels[:, 1:][predicts])
         gather = batch.response_positions.clamp_min(0)
         response_hidden = torch.gather(last, 1, gather[..., None].expand(-1, -1, last.shape[-1]))
         standardized = self.head(response_hidden.float(), batch.response_mask)

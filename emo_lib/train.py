@@ -150,7 +150,7 @@ def train_loop(model, groups: dict, items: list, loss_fn, cfg: dict, checkpoint_
       e.g. ``ce`` and ``mse``, are logged separately).
     - Linear warmup then cosine decay; gradients clipped to ``clip_norm``; ``accumulation``
       micro-batches per step; bfloat16 autocast on CUDA.
-    - Every ``eval_every`` steps ``eval_fn(model) -> dict`` is logged; every ``checkpoint_every``
+    - Before the first step and every ``eval_every`` steps ``eval_fn(model) -> dict`` is logged; every ``checkpoint_every``
       steps (and at the end) ``payload_fn(model)`` plus the optimizer, the step, the RNG state and
       the history are saved atomically to ``checkpoint_dir/latest.pt``.
     - Resume: if ``checkpoint_dir`` holds a checkpoint, ``check_resume(payload, path)`` may refuse
@@ -214,6 +214,8 @@ def train_loop(model, groups: dict, items: list, loss_fn, cfg: dict, checkpoint_
         if progress:
             print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
 
+    if step == 0:
+        evaluate()  # the untrained model's held-out numbers: the reference every later evaluation is read against
     model.train()
     end = cfg["steps"] if stop_after is None else min(cfg["steps"], stop_after)
     bar = tqdm(total=cfg["steps"], initial=step, desc="training", unit="step", disable=not progress)

@@ -272,3 +272,60 @@ def test_real_response_aligns_better_than_proportional(models):
     plain = align.align_attention(out["attention"], out["whisper_char_spans"], text, tokenizer, None, 0.0)
     plain_words = align.word_boundaries_from_spans(text, tokenizer, plain["llm_token_spans"], speech_region_s=region)
     assert align.boundary_error_ms(plain_words, truth) < 0.75 * baseline
+
+
+def _three_responses(processor):
+    from emo_lib import tts
+    from emo_lib.audio import resample
+
+    texts = ["Thank you for telling me, that sounds really hard.", "Oh wow, congratulations!",
+             "I am so sorry to hear that your dog is sick, I hope he gets better soon."]
+    wavs = []
+    for text, speaker in zip(texts, ["f2", "m1", "m3"]):
+        wav, _ = tts.synthesize_word_by_word(text, speaker, tts.sample_prosody("neutral", np.random.default_rng(0), jitter=0.0))
+        wavs.append(resample(wav, tts.SAMPLE_RATE, 16000))
+    return texts, wavs, [align.whisper_text_tokens(processor.tokenizer, t)[0] for t in texts]
+
+
+@pytest.mark.parametrize("window", ["audio", "full"])
+def test_batched_cross_attention_equals_one_at_a_time(models, window):
+    model, processor, _ = models
+    texts, wavs, ids = _three_responses(processor)
+    batch = align.cross_attention_weights_batch(model, processor, wavs, ids, window=window)
+    for wav, token_ids, batched in zip(wavs, ids, batch):
+        alone = align.cross_attention_weights(model, processor, wav, token_ids, window=window)
+        assert batched.shape == alone.shape == (4, 6, len(token_ids) + 1, -(-len(wav) // 320))
+        np.testing.assert_allclose(batched, alone, atol=1e-5)
+
+
+def test_cross_attention_equals_transformers_own_forward(models):
+    """The kit's decoder loop gives Whisper's own cross-attention, renormalised over the audio frames."""
+    import torch
+
+    model, processor, _ = models
+    texts, wavs, ids = _three_responses(processor)
+    ours = align.cross_attention_weights(model, processor, wavs[0], ids[0], window="full")
+    prompt = processor.tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>"])
+    features = processor.feature_extractor(wavs[0], sampling_rate=16000, return_tensors="pt").input_features
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # only eager returns attention weights
+    try:
+        with torch.inference_mode():
+            out = model.model(input_features=features, decoder_input_ids=torch.tensor([prompt + ids[0]]),
+                              output_attentions=True)
+    finally:
+        model.set_attn_implementation(implementation)
+    n = -(-len(wavs[0]) // 320)
+    reference = np.stack([a[0, :, len(prompt) - 1 :, :n].numpy() for a in out.cross_attentions])
+    np.testing.assert_allclose(ours, reference / reference.sum(-1, keepdims=True), atol=1e-5)
+
+
+def test_align_responses_matches_align_response(models):
+    model, processor, tokenizer = models
+    texts, wavs, _ = _three_responses(processor)
+    batched = align.align_responses(model, processor, tokenizer, wavs, texts, batch_size=2, window="audio")
+    for wav, text, out in zip(wavs, texts, batched):
+        alone = align.align_response(model, processor, tokenizer, wav, text, window="audio")
+        assert out["llm_token_spans"] == alone["llm_token_spans"] and out["pauses"] == alone["pauses"]
+        align.check_spans(out["llm_token_spans"], out["n_frames"])
+

@@ -88,3 +88,7 @@ def test_emotion_filter_drops_confident_mismatches_only():
     assert [r["kept"] for r in rows] == [True, False, True, False]
     assert rows[1]["drop_reason"] == "ser_mismatch" and rows[2]["ser_query_label"] == "surprise"
     assert counts["dropped_pairs"] == 1 and counts["checked_pairs"] == 3
+    # a re-run of notebook 02 starts from the pairs before the filter
+    assert data.reset_emotion_filter(rows) == 1
+    assert [r["kept"] for r in rows] == [True, True, True, False] and rows[1]["drop_reason"] is None
+    assert all(r["ser_query_label"] is None and r["ser_response_confidence"] is None for r in rows)

@@ -117,6 +117,57 @@ def test_predict_emotions_returns_known_labels_and_probabilities():
     assert all(1 / 7 <= c <= 1 for c in confidences)
 
 
+def test_speaker_erasure_leaves_no_linear_speaker_information():
+    rng = np.random.default_rng(0)
+    speakers = np.repeat(["m1", "f1", "m2"], 60)
+    offsets = {"m1": rng.normal(size=16) * 3, "f1": rng.normal(size=16) * 3, "m2": rng.normal(size=16) * 3}
+    pooled = rng.normal(size=(180, 16)) + np.stack([offsets[s] for s in speakers])
+    model = tiny_encoder(erase_rank=2)
+    assert model.fit_speaker_erasure(pooled, list(speakers)) == 2
+    frames = torch.as_tensor(pooled, dtype=torch.float32)[:, None, :]  # one frame per utterance
+    erased = model.erase_speaker(frames, torch.ones(180, 1, dtype=torch.bool))[:, 0].double().numpy()
+    means = np.stack([erased[speakers == s].mean(0) for s in ["m1", "f1", "m2"]])
+    np.testing.assert_allclose(means, means[[0, 0, 0]], atol=1e-4)  # every speaker has the same mean
+    from sklearn.linear_model import LogisticRegression
+
+    assert LogisticRegression(max_iter=2000).fit(pooled, speakers).score(pooled, speakers) > 0.95
+    assert LogisticRegression(max_iter=2000).fit(erased, speakers).score(erased, speakers) < 0.6
+    # erasure is affine and per frame, so it commutes with mean pooling
+    two = torch.as_tensor(pooled[:2], dtype=torch.float32)[None]
+    pooled_after = model.erase_speaker(two, torch.ones(1, 2, dtype=torch.bool)).mean(1)
+    torch.testing.assert_close(pooled_after[0], torch.as_tensor(erased[:2].mean(0), dtype=torch.float32))
+
+
+def test_encode_wav_files_gives_frames_and_predictions_of_each_file(tmp_path):
+    model = tiny_encoder()
+    paths = []
+    for i, n in enumerate([4000, 9000]):
+        paths.append(tmp_path / f"{i}.wav")
+        sf.write(paths[-1], noise(n, seed=i), 16000)
+    frames, labels, confidences = E.encode_wav_files(model, paths)
+    wavs = [noise(4000, seed=0), noise(9000, seed=1)]
+    assert [len(f) for f in frames] == [E.frames_50hz(4000), E.frames_50hz(9000)]
+    expected_labels, expected_confidences = E.predict_emotions(model, wavs)
+    assert labels == expected_labels
+    np.testing.assert_allclose(confidences, expected_confidences, atol=1e-2)  # float16 cached features
+    for a, b in zip(frames, E.emotion_frames(model, wavs)):
+        np.testing.assert_allclose(a, b, atol=0.05)
+
+
+def test_input_features_in_worker_processes_equal_serial_ones(tmp_path):
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"{i}.wav")
+        sf.write(paths[-1], noise(3000 + 500 * i, seed=i), 16000)
+    E.clear_feature_cache()
+    parallel = E.cached_input_features(paths, workers=2)
+    E.clear_feature_cache()
+    serial = E.cached_input_features(paths)
+    for a, b in zip(parallel, serial):
+        np.testing.assert_array_equal(a, b)
+    assert E.cached_input_features(paths[:2])[1] is serial[1]  # memoised
+
+
 def _toy_run(root):
     """A run directory whose 'emotions' are tone pitches and whose 'speakers' are loudness levels."""
     rows, sr = [], 22050
@@ -144,12 +195,25 @@ def test_training_evaluation_and_probes_run_end_to_end(tmp_path):
     model, history = E.train_emotion_encoder(rows, tmp_path, cfg, progress=False)
     assert len(history["train_loss"]) == len(history["val_accuracy"]) == 3
     assert history["train_utterances"] == 2 * sum(r["kept"] and r["split"] == "train" for r in rows)
+    assert history["erased_rank"] == 1  # two training speakers
     report = E.evaluate_emotion_encoder(model, rows, tmp_path)
     assert report["speakers"] == ["m5"] and report["query_accuracy"] == 1.0
     assert np.array(report["query_confusion"]).sum() == report["n_queries"] == 12
     probes = E.probe_emotion_vs_speaker(model, rows, tmp_path)
-    assert probes["n_train"] + probes["n_test"] == 48
-    assert probes["speaker_chance_uniform"] == 0.5 and 0 <= probes["speaker_probe_accuracy"] <= 1
+    # fitted on split train, scored on split val: utterances the encoder and the erasure never fitted
+    n_val = 2 * sum(r["kept"] and r["split"] == "val" for r in rows)
+    assert probes["protocol"] == "train->val" and probes["n_test"] == n_val > 0
+    assert probes["n_train"] == history["train_utterances"]
+    assert probes["speaker_chance_uniform"] == 0.5 and probes["erased_rank"] == 1
+    for stage in ("", "_before_erasure"):
+        for kind in ("", "mlp_"):
+            for target in ("emotion", "speaker"):
+                assert 0 <= probes[f"{target}_{kind}probe_accuracy{stage}"] <= 1
+    # without a val split: the stratified fallback, and the report says so
+    no_val = [dict(r, split="train") if r["split"] == "val" else r for r in rows]
+    fallback = E.probe_emotion_vs_speaker(model, no_val, tmp_path, nonlinear=False)
+    assert fallback["protocol"].startswith("stratified") and fallback["n_train"] + fallback["n_test"] == 48
+    assert "emotion_mlp_probe_accuracy" not in fallback
     # same seed, same model
     again, _ = E.train_emotion_encoder(rows, tmp_path, cfg, progress=False)
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
@@ -163,8 +227,9 @@ def test_unknown_training_key_is_refused(tmp_path):
 
 # --- checkpoints -------------------------------------------------------------------------------
 def test_emotion_encoder_checkpoint_round_trip(tmp_path):
-    model = tiny_encoder()
+    model = tiny_encoder(erase_rank=3)
     model.set_feature_stats(np.full(E.INPUT_DIM, 0.5), np.full(E.INPUT_DIM, 2.0))
+    model.fit_speaker_erasure(np.random.default_rng(0).normal(size=(40, 16)), ["a", "b", "c", "d"] * 10)
     path = E.save_emotion_encoder(tmp_path / "emotion.pt", model, history={"val_accuracy": [0.5]})
     loaded = E.load_emotion_encoder(path, expected_dim=16)
     wav = noise(9000)
