@@ -26,7 +26,6 @@ is known as soon as the token has been fed back, and the head is causal: streami
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -35,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .align import llm_tokenize
-from .encoders import SpeechProjector, downsampled_length
+from .encoders import SpeechProjector
 
 SPEECH_PLACEHOLDER = "<speech>"
 # Short on purpose: every prompt token costs compute at every training step. The words say what
@@ -346,14 +345,12 @@ class SpeechLLM(nn.Module):
 
     # -- inference -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, examples: list[Stage1Example], max_new_tokens: int = 40, repetition_penalty: float = 1.1,
-                 stream=None) -> list[dict]:
+    def generate(self, examples: list[Stage1Example], max_new_tokens: int = 40, repetition_penalty: float = 1.1) -> list[dict]:
         """Greedy replies from speech alone, with each token's hidden state and emotion vector.
 
         A hand-written loop over the KV cache (rather than ``generate``) so that every step
         hands out its token, its last-layer hidden state and its emotion vector: what stage 2
-        and the streaming demo consume. ``stream`` (optional) is called as
-        ``stream(step, token_ids)`` after each step. ``repetition_penalty`` divides the logits
+        and the streaming demo consume. ``repetition_penalty`` divides the logits
         of tokens already written (CTRL's rule): a 135M model otherwise loops on phrases.
         Returns per example: ``text``, ``token_ids``, ``hidden`` (N, H) and ``emotion`` (N, E).
         """
@@ -368,7 +365,7 @@ class SpeechLLM(nn.Module):
         hidden = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         next_position = position[:, -1] + 1
-        for step in range(max_new_tokens):
+        for _ in range(max_new_tokens):
             if repetition_penalty != 1.0:
                 for i in range(b):
                     if written[i]:
@@ -390,8 +387,6 @@ class SpeechLLM(nn.Module):
                     written[i].append(int(token[i]))
                     hidden[i].append(out.hidden_states[-1][i, -1].float())
             done = done | finished_now
-            if stream is not None:
-                stream(step, [w[-1] if w else None for w in written])
             if bool(done.all()):
                 break
         results = []
@@ -500,11 +495,6 @@ def load_stage1(path, device: str = "cpu", llm=None, tokenizer=None) -> SpeechLL
     except (ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: {err}; run {STAGE1_NOTEBOOK} again.") from err
     return model.to(device).eval()
-
-
-def speech_frames_10hz(t50: int) -> int:
-    """LLM positions that ``t50`` speech frames take in the prompt (10 Hz)."""
-    return downsampled_length(t50)
 
 
 def trajectory_cosine(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
