@@ -1151,3 +1151,27 @@ class SpeechProjector(nn.Module):
         s, out_mask = self.semantic_adapter(semantic, mask)
         e, _ = self.emotion_adapter(emotion, mask)
         return self.project(torch.cat([s, e], dim=-1)) * out_mask[..., None], out_mask
+
+
+@torch.no_grad()
+def plan_emotion_probabilities(model: EmotionEncoder, vectors: np.ndarray, window: int = 5) -> np.ndarray:
+    """Read an emotion *plan* (one emotion vector per reply token) with the encoder's own head.
+
+    The plan lives in the space of the encoder's frames, so the utterance head (attentive
+    pooling + linear) can read it: for token i it pools the vectors of the ``window`` tokens
+    centred on i and returns the softmax over the 7 emotions. (N, 7) probabilities, columns in
+    ``EMOTIONS`` order; an empty plan gives (0, 7).
+    """
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2:
+        raise ValueError(f"a plan is (tokens, dim), got shape {vectors.shape}")
+    if len(vectors) == 0:
+        return np.zeros((0, len(EMOTIONS)), dtype=np.float32)
+    half = max(0, window // 2)
+    frames = torch.as_tensor(vectors)
+    rows = []
+    for i in range(len(vectors)):
+        piece = frames[max(0, i - half) : i + half + 1][None]
+        mask = torch.ones(piece.shape[:2], dtype=torch.bool)
+        rows.append(torch.softmax(model.utterance_logits(piece, mask), dim=-1)[0])
+    return torch.stack(rows).numpy()

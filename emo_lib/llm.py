@@ -398,6 +398,65 @@ class SpeechLLM(nn.Module):
                             "token_ids": written[i], "hidden": h.cpu().numpy(), "emotion": emotion.cpu().numpy()})
         return results
 
+    @torch.inference_mode()
+    def stream_reply(self, example: Stage1Example, max_new_tokens: int = 40, repetition_penalty: float = 1.1):
+        """``generate`` for ONE example, as a generator: one dict per reply token, as soon as it exists.
+
+        Yields ``{"token_id", "text_piece", "hidden" (H,), "emotion" (E,)}`` (numpy float32) and
+        stops at ``<|im_end|>`` or after ``max_new_tokens`` (an immediate ``<|im_end|>`` yields
+        nothing). The steps are ``generate``'s for a batch of one: the same prefill, the same
+        greedy choice with the same repetition penalty, the same KV-cache call that feeds the
+        token back and returns its hidden state. So the tokens and hidden states equal
+        ``generate``'s.
+
+        The emotion vector of token ``i`` comes from the emotion head over the hidden states of
+        tokens ``0..i``. The head is causal (token ``i`` never attends to later tokens), so this
+        vector is the ``i``-th row of what ``generate`` computes over the whole reply (equal up
+        to float rounding). Re-running the head on the prefix costs O(i) per token, O(N^2) per
+        reply; for a 2-layer head and N <= 100 tokens that is negligible next to the LLM step.
+
+        ``text_piece`` is the new text of the token: the decoded reply so far minus the text
+        already handed out. A token that ends inside a multi-byte character (decoded as U+FFFD)
+        gives ``""`` and its bytes appear with the next token; the pieces concatenate to the
+        decoded reply (``generate``'s ``text`` before ``strip``).
+        """
+        batch = self.splice([example], with_response=False)
+        attention = batch.attention_mask
+        position = (attention.cumsum(1) - 1).clamp_min(0)
+        out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=attention, position_ids=position, use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[:, -1].float()
+        next_position = position[:, -1] + 1
+        written: list[int] = []
+        hidden: list[torch.Tensor] = []
+        shown = ""  # the text handed out so far
+        for _ in range(max_new_tokens):
+            if repetition_penalty != 1.0 and written:
+                seen = torch.tensor(sorted(set(written)), device=self.device)
+                values = logits[0, seen]
+                logits[0, seen] = torch.where(values > 0, values / repetition_penalty, values * repetition_penalty)
+            token = logits.argmax(-1)
+            if int(token[0]) == self.end_id:
+                return
+            attention = torch.cat([attention, torch.ones(1, 1, dtype=attention.dtype, device=self.device)], 1)
+            out = self.llm(inputs_embeds=self.embed_tokens(token[:, None]), attention_mask=attention,
+                           position_ids=next_position[:, None], past_key_values=cache, use_cache=True,
+                           output_hidden_states=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1].float()
+            next_position = next_position + 1
+            written.append(int(token[0]))
+            hidden.append(out.hidden_states[-1][0, -1].float())
+            h = torch.stack(hidden)[None]
+            emotion = self.emotion_vectors(h, torch.ones(1, len(hidden), dtype=torch.bool, device=self.device))[0, -1]
+            text = self.tokenizer.decode(written, skip_special_tokens=True)
+            piece = ""
+            if not text.endswith("\ufffd"):  # wait for the rest of a split multi-byte character
+                # byte-level BPE decodes prefix by prefix, so ``shown`` is a prefix of ``text``
+                piece, shown = text[len(shown):], text
+            yield {"token_id": written[-1], "text_piece": piece, "hidden": hidden[-1].cpu().numpy(),
+                   "emotion": emotion.cpu().numpy()}
+
     # -- parameters and state ------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by group: ``lora`` and ``adapters`` (projector + emotion head)."""
@@ -650,6 +709,46 @@ def evaluate_teacher_forced(model: SpeechLLM, examples: list[Stage1Example], bat
     result["constant_cosine"] = constant / max(1, weights["emotion"])
     result["tokens"] = weights["emotion"]
     return result
+
+
+@torch.no_grad()
+def response_states(model: SpeechLLM, examples: list[Stage1Example], batch_size: int = 8,
+                    progress: bool = False) -> list[dict]:
+    """What stage 2 hears from the frozen stage-1 model, per example, under teacher forcing.
+
+    For response token i: ``hidden`` (N, H), the last-layer state at token i (the state that
+    also predicts token i + 1, as in ``generate``); ``embeds`` (N, H), the LLM's own input
+    embedding of token i; ``emotion`` (N, E), the emotion head's vector (the *predicted*
+    trajectory, in the emotion encoder's space). float16 numpy arrays: a few hundred MB for the
+    cpu preset. Teacher forcing gives the same states as generation when the reply is the same
+    (checked in the unit tests), so the decoder trains on exactly what it will see at inference.
+    """
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    results = []
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].semantic))  # less padding
+    by_index = {}
+    causal_lm = model.llm.get_base_model()
+    for start in tqdm(range(0, len(order), batch_size), desc="stage-1 states", disable=not progress, leave=False):
+        idx = order[start : start + batch_size]
+        batch = model.splice([examples[i] for i in idx], with_response=True)
+        last = causal_lm.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                               use_cache=False).last_hidden_state
+        gather = batch.response_positions.clamp_min(0)
+        hidden = torch.gather(last, 1, gather[..., None].expand(-1, -1, last.shape[-1]))
+        emotion = model.emotion_vectors(hidden, batch.response_mask)
+        for row, i in enumerate(idx):
+            ids = torch.tensor(examples[i].response_ids, dtype=torch.long, device=model.device)
+            n = len(ids)
+            by_index[i] = {"pair_id": examples[i].pair_id,
+                           "hidden": hidden[row, :n].float().cpu().numpy().astype(np.float16),
+                           "embeds": model.embed_tokens(ids).float().cpu().numpy().astype(np.float16),
+                           "emotion": emotion[row, :n].float().cpu().numpy().astype(np.float16)}
+    results = [by_index[i] for i in range(len(examples))]
+    model.train(was_training)
+    return results
 
 
 def train_stage1(model: SpeechLLM, train: list[Stage1Example], val: list[Stage1Example], loop: dict, checkpoint_dir,

@@ -27,6 +27,10 @@ PRODUCERS = {
     "trajectories": "03_align.ipynb",
     "stage1": "04_stage1.ipynb",
     "judge": "04_stage1.ipynb",
+    "speech_tokens": "05_tokens.ipynb",
+    "token2mel": "05_tokens.ipynb",
+    "stage2_states": "06_stage2.ipynb",
+    "stage2": "06_stage2.ipynb",
 }
 
 

@@ -147,7 +147,8 @@ def train_loop(model, groups: dict, items: list, loss_fn, cfg: dict, checkpoint_
       (``cfg['lr'][name]``, ``cfg['weight_decay'][name]``): LoRA and the new modules learn at
       different speeds.
     - ``loss_fn(model, batch_items) -> dict`` of scalar tensors with a ``loss`` key (the others,
-      e.g. ``ce`` and ``mse``, are logged separately).
+      e.g. ``ce`` and ``mse``, are logged separately). A ``loss_fn`` with a ``step`` parameter is
+      also told the optimizer step (0-based), for schedules and reproducible random crops.
     - Linear warmup then cosine decay; gradients clipped to ``clip_norm``; ``accumulation``
       micro-batches per step; bfloat16 autocast on CUDA.
     - Before the first step and every ``eval_every`` steps ``eval_fn(model) -> dict`` is logged; every ``checkpoint_every``
@@ -158,6 +159,7 @@ def train_loop(model, groups: dict, items: list, loss_fn, cfg: dict, checkpoint_
       order and dropout RNG, so the next loss equals an uninterrupted run's.
     - ``stop_after`` ends the loop early after that many steps in total (a simulated interruption).
     """
+    import inspect
     import time
 
     import torch
@@ -193,6 +195,7 @@ def train_loop(model, groups: dict, items: list, loss_fn, cfg: dict, checkpoint_
         if progress:
             print(f"resumed from {path} at step {step}")
     use_bf16 = cfg["bf16"] and str(device).startswith("cuda")
+    takes_step = "step" in inspect.signature(loss_fn).parameters
     cache: dict = {}
     started = time.perf_counter() - (history["seconds"][-1] if history["seconds"] else 0.0)
 
@@ -228,7 +231,8 @@ def train_loop(model, groups: dict, items: list, loss_fn, cfg: dict, checkpoint_
         for j in range(cfg["accumulation"]):
             idx = _micro_batch(lengths, cfg, step * cfg["accumulation"] + j, cache)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                terms = loss_fn(model, [items[i] for i in idx])
+                batch = [items[i] for i in idx]
+                terms = loss_fn(model, batch, step=step) if takes_step else loss_fn(model, batch)
             (terms["loss"] / cfg["accumulation"]).backward()
             for k, v in terms.items():
                 if torch.is_tensor(v) and v.dim() == 0:

@@ -44,7 +44,8 @@ def test_every_notebook_was_executed(smoke_run):
 def test_metrics_are_complete_and_finite(smoke_run):
     run, _ = smoke_run
     metrics = json.loads((run / "metrics.json").read_text())
-    assert {"00_tour", "01_data", "02_features", "03_align", "04_stage1", "run"} <= set(metrics)
+    assert {"00_tour", "01_data", "02_features", "03_align", "04_stage1", "05_tokens", "06_stage2", "07_demo",
+            "run"} <= set(metrics)
     assert metrics["run"]["preset"] == "smoke" and "torch" in metrics["run"]["versions"]
     assert all(math.isfinite(x) for x in finite_numbers(metrics))
     data = metrics["01_data"]
@@ -82,6 +83,30 @@ def test_stage1_learns_and_is_evaluated(smoke_run):
     assert (run / "checkpoints" / "stage1" / "latest.pt").exists()
     assert (run / "checkpoints" / "judge" / "judge.json").exists()
     assert (run / "stage1" / "same_text_replies.jsonl").exists()
+
+
+def test_speech_tokens_and_token2mel_learn(smoke_run):
+    run, _ = smoke_run
+    tokens = json.loads((run / "metrics.json").read_text())["05_tokens"]
+    assert tokens["unit_perplexity"] > 0.3 * tokens["n_units"]  # most units are in use
+    assert tokens["nmi_unit_speaker"] < tokens["nmi_pitch_speaker"]  # units say less about the voice than pitch does
+    assert tokens["token2mel_val_prior"] < 0.6 * tokens["token2mel_val_prior_before"]  # 40 steps already learn
+    assert tokens["token2mel_val_flow"] < tokens["token2mel_val_flow_before"]
+    assert tokens["stream_max_mel_difference"] < 1e-3  # chunked == offline
+    for name in ("tokens.npy", "mels.npy"):
+        assert (run / "tokens" / name).exists()
+    assert (run / "checkpoints" / "token2mel" / "latest.pt").exists()
+
+
+def test_stage2_learns_and_speaks_end_to_end(smoke_run):
+    run, _ = smoke_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    stage2, demo = metrics["06_stage2"], metrics["07_demo"]
+    assert stage2["val_unit_ce"] < stage2["val_unit_ce_before"] - 0.3
+    assert stage2["e2e_spoken"] > 0 and 0.0 <= stage2["e2e_emotion_accuracy"] <= 1.0
+    assert len(list((run / "stage2" / "e2e").glob("*.wav"))) == stage2["e2e_spoken"]
+    assert demo["spoken"] > 0 and demo["first_audio_s_mean"] > 0
+    assert len(list((run / "demo").glob("*_reply.wav"))) == demo["spoken"]
 
 
 def test_manifest_and_wavs(smoke_run):

@@ -323,3 +323,18 @@ def test_own_encoder_forward_equals_transformers_on_the_30s_window(whisper, sent
     mel = processor.feature_extractor([sentence_16k], sampling_rate=16000, return_tensors="pt").input_features
     with torch.inference_mode():
         torch.testing.assert_close(E._run_whisper_encoder(encoder, mel), encoder(mel).last_hidden_state)
+
+
+def test_a_plan_is_read_with_the_encoders_own_head():
+    from emo_lib.corpus import EMOTIONS
+
+    torch.manual_seed(0)
+    model = E.EmotionEncoder(E.EmotionEncoderConfig(emotion_dim=16, layers=1)).eval()
+    vectors = np.random.default_rng(0).normal(size=(6, 16)).astype(np.float32)
+    probs = E.plan_emotion_probabilities(model, vectors, window=3)
+    assert probs.shape == (6, len(EMOTIONS))
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    expected = torch.softmax(model.utterance_logits(torch.as_tensor(vectors[1:4])[None], mask), -1)[0].detach().numpy()
+    np.testing.assert_allclose(probs[2], expected, atol=1e-5)  # token 2 reads tokens 1..3
+    assert E.plan_emotion_probabilities(model, vectors[:0]).shape == (0, len(EMOTIONS))

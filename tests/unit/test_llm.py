@@ -139,6 +139,35 @@ def test_generation_hidden_states_match_teacher_forcing(tokenizer):
         np.testing.assert_allclose(out["emotion"], ref["emotion"][0, :n].numpy(), atol=2e-4)
 
 
+def test_response_states_are_what_generation_hands_to_stage_2(tokenizer):
+    """Stage 2 trains on teacher-forced states; at inference it gets generate()'s: they must agree."""
+    model = tiny_model(tokenizer).eval()
+    examples = [example(tokenizer, "a", 0.6), example(tokenizer, "b", 2.1, seed=3)]
+    outs = model.generate(examples, max_new_tokens=6, repetition_penalty=1.0)
+    forced = [L.Stage1Example(e.pair_id, e.semantic, e.emotion, o["token_ids"], None) for e, o in zip(examples, outs)]
+    states = L.response_states(model, forced, batch_size=2)
+    for e, out, st in zip(examples, outs, states):
+        assert st["pair_id"] == e.pair_id
+        np.testing.assert_allclose(st["hidden"], out["hidden"], atol=2e-3)  # float16 storage
+        np.testing.assert_allclose(st["emotion"], out["emotion"], atol=2e-3)
+        expected = model.embed_tokens(torch.tensor(out["token_ids"])).detach().numpy()
+        np.testing.assert_allclose(st["embeds"], expected, atol=2e-3)
+
+
+def test_train_loop_tells_a_loss_fn_the_step_when_it_asks(tokenizer):
+    seen = []
+
+    def loss_fn(model, batch, step):
+        seen.append(step)
+        return model(batch)
+
+    model = tiny_model(tokenizer)
+    items = [example(tokenizer, f"p{i}", 0.5, seed=i) for i in range(4)]
+    T.train_loop(model, model.parameter_groups(), items, loss_fn, {"steps": 3, "batch_size": 2, "warmup_steps": 1},
+                 progress=False)
+    assert seen == [0, 1, 2]
+
+
 def _loss_fn(model, batch):
     return model(batch)
 

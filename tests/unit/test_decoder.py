@@ -1,0 +1,376 @@
+"""Stage-2 speech decoder with tiny random models: gate, AdaLN, causality, streaming, windows, fitting."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from emo_lib import decoder as D
+from emo_lib import train as T
+
+H, E = 12, 6
+
+
+def tiny_config(**overrides) -> D.Stage2Config:
+    values = dict(hidden_dim=H, emotion_dim=E, dim=16, layers=2, heads=2, n_units=10, pitch_bins=5, energy_bins=3,
+                  max_frames=64, lookahead_tokens=1, max_token_frames=8, duration_layers=1, dropout=0.0)
+    values.update(overrides)
+    return D.Stage2Config(**values)
+
+
+def tiny_model(seed=0, scramble_adaln=True, **overrides) -> D.SpeechDecoder:
+    """A random decoder; AdaLN weights are made non-zero so that emotion matters (they start at zero)."""
+    torch.manual_seed(seed)
+    model = D.SpeechDecoder(tiny_config(**overrides))
+    if scramble_adaln:
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, D.AdaLN):
+                    module.to_scale_shift.weight.normal_(0, 0.3)
+    return model.eval()
+
+
+def reply(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, H, generator=g), torch.randn(n, H, generator=g), torch.randn(n, E, generator=g)
+
+
+def set_mean_duration(model, frames):
+    """Bias the duration predictor towards ``frames`` frames per token (random variety remains)."""
+    with torch.no_grad():
+        model.duration_predictor.out.weight.mul_(0.2)
+        model.duration_predictor.out.bias.fill_(math.log1p(frames))
+
+
+# -- building blocks -------------------------------------------------------------------------------
+def test_gate_output_is_an_elementwise_convex_combination():
+    torch.manual_seed(0)
+    gate = D.GatedFusion(8)
+    with torch.no_grad():
+        gate.proj.weight.normal_(0, 3.0)  # saturating gates too
+    h, e = torch.randn(4, 5, 8), torch.randn(4, 5, 8) * 10
+    x = gate(h, e)
+    lo, hi = torch.minimum(h, e), torch.maximum(h, e)
+    assert bool(((x >= lo - 1e-6) & (x <= hi + 1e-6)).all())
+    g = gate.gate(h, e)
+    assert torch.allclose(x, g * h + (1 - g) * e)
+    share = float(((x - h).abs().mean() / (e - h).abs().mean()).detach())
+    assert 0.05 < share < 0.95  # really a mix, not one side
+
+
+def test_adaln_is_a_plain_layer_norm_at_initialisation_for_every_condition():
+    torch.manual_seed(0)
+    norm = D.AdaLN(16, E)
+    x = torch.randn(3, 7, 16) * 5 + 2
+    expected = F.layer_norm(x, (16,))
+    for scale in (0.0, 1.0, 100.0):
+        assert torch.allclose(norm(x, torch.randn(3, 7, E) * scale), expected, atol=1e-6)
+    with torch.no_grad():
+        norm.to_scale_shift.weight.normal_()
+    assert not torch.allclose(norm(x, torch.randn(3, 7, E)), expected, atol=1e-3)  # learnable, not frozen
+
+
+def test_a_fresh_model_ignores_emotion_until_adaln_learns():
+    model = tiny_model(scramble_adaln=False)
+    h, e, emo = reply(6)
+    d = torch.full((6,), 3)
+    a, b = model.generate(h, e, emo, durations=d), model.generate(h, e, emo * 5 + 1, durations=d)
+    assert torch.equal(a["units"], b["units"])
+
+
+def test_ablation_switches_remove_emotion_and_embeddings():
+    h, e, emo = reply(7)
+    mask, d = torch.ones(1, 7, dtype=torch.bool), torch.full((1, 7), 3)
+
+    def logits(model, emotion, embeds):
+        return model(h[None], embeds[None], emotion[None], mask, d)["unit_logits"]
+
+    other_e = e + 2 * torch.randn(e.shape, generator=torch.Generator().manual_seed(1))  # not a constant shift: LN removes that
+    full = tiny_model(seed=1)
+    assert not torch.allclose(logits(full, emo, e), logits(full, emo + 3, e), atol=1e-4)
+    assert not torch.allclose(logits(full, emo, e), logits(full, emo, other_e), atol=1e-4)
+    no_adaln = tiny_model(seed=1, adaln=False)
+    assert not any(isinstance(m, D.AdaLN) for m in no_adaln.modules())
+    assert torch.allclose(logits(no_adaln, emo, e), logits(no_adaln, emo + 3, e))
+    hidden_only = tiny_model(seed=1, fusion="hidden_only")
+    assert hidden_only.fusion is None
+    assert torch.allclose(logits(hidden_only, emo, e), logits(hidden_only, emo, other_e))
+
+
+def test_config_round_trip_and_errors():
+    config = tiny_config(fusion="hidden_only", adaln=False)
+    assert D.Stage2Config.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="fusion"):
+        tiny_config(fusion="concat")
+    with pytest.raises(ValueError, match="unknown Stage2Config keys"):
+        D.Stage2Config.from_dict({**config.to_dict(), "colour": 1})
+
+
+# -- causality -------------------------------------------------------------------------------------
+def test_future_tokens_and_frames_do_not_change_the_past():
+    model = tiny_model(seed=2)
+    n = 8
+    h, e, emo = reply(n, seed=3)
+    d = torch.tensor([[2, 3, 1, 4, 2, 3, 2, 2]])
+    mask = torch.ones(1, n, dtype=torch.bool)
+    base = model(h[None], e[None], emo[None], mask, d)
+    k = 5  # change token k: tokens < k - lookahead, and their frames, must not move
+    frames_before = int(d[0, : k - 1].sum())
+    g = torch.Generator().manual_seed(9)
+
+    def bump(x):
+        x = x.clone()
+        x[k] += 3 * torch.randn(x.shape[1], generator=g)
+        return x
+
+    for changed in (dict(h=bump(h)), dict(e=bump(e)), dict(emo=bump(emo))):
+        hh, ee, mm = changed.get("h", h), changed.get("e", e), changed.get("emo", emo)
+        out = model(hh[None], ee[None], mm[None], mask, d)
+        assert torch.allclose(out["unit_logits"][:, :frames_before], base["unit_logits"][:, :frames_before], atol=1e-6)
+        assert torch.allclose(out["log_durations"][:, : k - 1], base["log_durations"][:, : k - 1], atol=1e-6)
+        assert not torch.allclose(out["unit_logits"], base["unit_logits"], atol=1e-4)  # the change did reach later frames
+    # a longer last token adds frames at the end only
+    longer = d.clone()
+    longer[0, -1] = 6
+    out = model(h[None], e[None], emo[None], mask, longer)
+    kept = int(d[0, :-1].sum())
+    assert torch.allclose(out["unit_logits"][:, :kept], base["unit_logits"][:, :kept], atol=1e-6)
+
+
+def test_lookahead_is_exactly_one_token():
+    model = tiny_model(seed=4)
+    h, e, emo = reply(6, seed=5)
+    mask, d = torch.ones(1, 6, dtype=torch.bool), torch.full((1, 6), 2)
+    base = model(h[None], e[None], emo[None], mask, d)["log_durations"]
+    h2 = h.clone()
+    h2[3] += 3 * torch.randn(H, generator=torch.Generator().manual_seed(0))  # LN would undo a constant shift
+    moved = model(h2[None], e[None], emo[None], mask, d)["log_durations"]
+    assert torch.allclose(moved[0, :2], base[0, :2], atol=1e-6)
+    assert not torch.isclose(moved[0, 2], base[0, 2], atol=1e-5)  # token 2 looks ahead at token 3
+
+
+# -- generation and streaming ----------------------------------------------------------------------
+@pytest.mark.parametrize("lookahead", [0, 1, 2])
+def test_stream_equals_generate(lookahead):
+    model = tiny_model(seed=6, lookahead_tokens=lookahead)
+    set_mean_duration(model, 3)
+    for n, seed in ((1, 0), (9, 1), (14, 2)):
+        h, e, emo = reply(n, seed=seed)
+        offline = model.generate(h, e, emo)
+        chunks = list(model.stream(zip(h, e, emo.numpy())))  # numpy rows are accepted too
+        assert [c["token"] for c in chunks] == list(range(n))
+        assert [c["duration"] for c in chunks] == offline["durations"].tolist()
+        for key in ("units", "pitch", "energy"):
+            assert torch.equal(torch.cat([c[key] for c in chunks]), offline[key])
+        assert len(offline["units"]) == int(offline["durations"].sum()) > 0
+
+
+def test_stream_yields_a_token_as_soon_as_its_lookahead_arrives():
+    model = tiny_model(seed=6, lookahead_tokens=1)
+    h, e, emo = reply(5)
+    fed = []
+
+    def source():
+        for i in range(5):
+            fed.append(i)
+            yield h[i], e[i], emo[i]
+
+    for chunk in model.stream(source()):
+        assert len(fed) == min(5, chunk["token"] + 2)
+
+
+def test_long_replies_are_decoded_in_windows_without_losing_frames():
+    model = tiny_model(seed=7, max_frames=16, max_token_frames=6)
+    set_mean_duration(model, 4)
+    h, e, emo = reply(30, seed=8)
+    out = model.generate(h, e, emo)
+    total = int(out["durations"].sum())
+    assert total > 3 * 16 and len(out["windows"]) >= 3
+    assert len(out["units"]) == len(out["pitch"]) == len(out["energy"]) == total
+    emitted = []
+    for start, first, end in out["windows"]:
+        assert start <= first <= end
+        assert int(out["durations"][start:end].sum()) <= 16  # every window fits the context
+        emitted += list(range(first, end))
+    assert emitted == list(range(30))  # each token emitted once, in order
+    # the first window is exactly what an unwindowed decode of its tokens gives
+    _, _, end = out["windows"][0]
+    first_window = model.generate(h[:end + 1], e[:end + 1], emo[:end + 1], durations=out["durations"][:end + 1])
+    n = int(out["durations"][:end].sum())
+    assert torch.equal(out["units"][:n], first_window["units"][:n])
+    streamed = list(model.stream(zip(h, e, emo)))
+    assert torch.equal(torch.cat([c["units"] for c in streamed]), out["units"])
+    with pytest.raises(D.DecoderInputError, match="longer than max_frames"):
+        model(h[None], e[None], emo[None], torch.ones(1, 30, dtype=torch.bool), out["durations"][None])
+
+
+def test_empty_reply_gives_empty_outputs():
+    model = tiny_model()
+    h, e, emo = reply(0)
+    out = model.generate(h, e, emo)
+    assert out["units"].shape == (0,) and out["durations"].shape == (0,)
+    assert list(model.stream([])) == []
+    with pytest.raises(D.DecoderInputError, match="no tokens"):
+        D.stage2_batch([item(0, 0)])
+
+
+def test_given_durations_and_width_errors():
+    model = tiny_model()
+    h, e, emo = reply(4)
+    out = model.generate(h, e, emo, durations=np.array([1, 0, 2, 3]))
+    assert out["durations"].tolist() == [1, 0, 2, 3] and len(out["units"]) == 6
+    with pytest.raises(D.DecoderInputError, match=r"emotion must have shape \(N, 6\)"):
+        model.generate(h, e, torch.zeros(4, 5))
+    with pytest.raises(D.DecoderInputError, match="durations must have shape"):
+        model.generate(h, e, emo, durations=[1, 2])
+
+
+# -- durations, batches, loss ----------------------------------------------------------------------
+def test_durations_from_spans_sum_to_the_unit_count():
+    spans = [[0, 3], [3, 4], [4, 10], [10, 11]]
+    d = D.durations_from_spans(spans, 6)
+    assert d.sum() == 6 and (d >= 0).all()
+    assert d.tolist() == [2, 0, 3, 1]  # boundaries 3, 4, 10 -> 2, 2, 5 (halves up), last -> 6
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lengths = rng.integers(1, 12, size=rng.integers(1, 20))
+        ends = np.cumsum(lengths)
+        spans = np.stack([ends - lengths, ends], 1)
+        n_units = math.ceil(ends[-1] / 2)
+        d = D.durations_from_spans(spans.tolist(), n_units)
+        assert d.sum() == n_units and (d >= 0).all() and len(d) == len(lengths)
+        assert np.all(np.abs(np.cumsum(d) - ends / 2) <= 1.0)  # each boundary lands on its 25 Hz place
+    with pytest.raises(D.DecoderInputError, match="contiguous"):
+        D.durations_from_spans([[0, 3], [4, 6]], 3)
+    with pytest.raises(D.DecoderInputError, match="n_units = 40"):
+        D.durations_from_spans([[0, 3], [3, 6]], 40)
+
+
+def item(seed, n, units_fn=None, n_units=10, frames_per_token=None, with_pred=True):
+    rng = np.random.default_rng(seed)
+    d = rng.integers(1, 5, size=n) if frames_per_token is None else np.full(n, frames_per_token)
+    f = int(d.sum())
+    units = rng.integers(0, n_units, size=f) if units_fn is None else units_fn(d)
+    return {"pair_id": f"p{seed}", "hidden": rng.normal(size=(n, H)).astype(np.float32),
+            "embeds": rng.normal(size=(n, H)).astype(np.float32), "emotion_gt": rng.normal(size=(n, E)).astype(np.float32),
+            "emotion_pred": rng.normal(size=(n, E)).astype(np.float32) if with_pred else None, "durations": d,
+            "units": units, "pitch": rng.integers(0, 5, size=f), "energy": rng.integers(0, 3, size=f)}
+
+
+def test_stage2_batch_pads_and_checks_frames():
+    items = [item(0, 3), item(1, 6)]
+    batch = D.stage2_batch(items)
+    assert batch["hidden"].shape == (2, 6, H) and batch["token_mask"].sum().item() == 9
+    assert batch["frame_mask"].sum(1).tolist() == [int(items[0]["durations"].sum()), int(items[1]["durations"].sum())]
+    bad = item(2, 4)
+    bad["units"] = bad["units"][:-1]
+    with pytest.raises(D.DecoderInputError, match="p2: .* units frames, but the durations add up to"):
+        D.stage2_batch([bad])
+
+
+def test_loss_terms_and_out_of_vocabulary_units():
+    model = tiny_model()
+    batch = D.mix_emotion(D.stage2_batch([item(0, 5), item(1, 3)]), 0.5)
+    terms = model.loss(batch)
+    for key in ("loss", "unit_ce", "pitch_ce", "energy_ce", "duration_mse", "unit_accuracy"):
+        assert terms[key].dim() == 0 and torch.isfinite(terms[key])
+    expected = terms["unit_ce"] + terms["pitch_ce"] + terms["energy_ce"] + terms["duration_mse"]
+    assert torch.allclose(terms["loss"], expected)
+    bad = item(2, 4)
+    bad["units"][3] = 10  # vocabulary is [0, 10)
+    with pytest.raises(D.DecoderInputError, match="units id 10 is outside the vocabulary"):
+        model.loss(D.mix_emotion(D.stage2_batch([bad]), 0.0))
+    with pytest.raises(D.DecoderInputError, match="no emotion_pred"):
+        D.mix_emotion(D.stage2_batch([item(3, 2, with_pred=False)]), 0.3)
+
+
+def test_emotion_schedules():
+    linear = {"kind": "linear", "start_fraction": 0.25, "end_fraction": 0.75, "end_alpha": 0.8}
+    assert D.emotion_mix(0, 100, linear) == 0.0
+    assert D.emotion_mix(25, 100, linear) == 0.0
+    assert D.emotion_mix(50, 100, linear) == pytest.approx(0.4)
+    assert D.emotion_mix(75, 100, linear) == pytest.approx(0.8)
+    assert D.emotion_mix(99, 100, linear) == pytest.approx(0.8)
+    curve = D.schedule_curve(100, linear)
+    assert curve.shape == (100,) and np.all(np.diff(curve) >= 0)
+    assert np.all(D.schedule_curve(10, {"kind": "fixed", "alpha": 0.7}) == 0.7)
+    with pytest.raises(ValueError, match="kind must be"):
+        D.emotion_mix(0, 10, {"kind": "cosine"})
+    with pytest.raises(ValueError, match="unknown keys"):
+        D.emotion_mix(0, 10, {"kind": "fixed", "end_alpha": 1.0})
+    gt, pred = torch.zeros(1, 2, E), torch.ones(1, 2, E)
+    mixed = D.mix_emotion({"emotion_gt": gt, "emotion_pred": pred}, 0.7)["emotion"]
+    assert torch.allclose(mixed, torch.full_like(gt, 0.7))
+
+
+# -- training --------------------------------------------------------------------------------------
+def test_a_tiny_dataset_is_fitted_with_train_loop(tmp_path):
+    """Units are a function of the token's identity and the frame's place in it: learnable in 100 steps."""
+    vocab = np.random.default_rng(0).normal(size=(6, H)).astype(np.float32)
+    items = []
+    for s in range(8):
+        rng = np.random.default_rng(100 + s)
+        ids = rng.integers(0, 6, size=6)
+        it = item(s, 6, frames_per_token=3)
+        it["embeds"] = vocab[ids]
+        it["hidden"] = vocab[ids] + 0.1 * rng.normal(size=(6, H)).astype(np.float32)
+        it["units"] = np.array([(i * 3 + k) % 10 for i in ids for k in range(3)])
+        it["pitch"] = np.array([i % 5 for i in ids for _ in range(3)])
+        items.append(it)
+    torch.manual_seed(0)
+    model = D.SpeechDecoder(tiny_config(dim=32, heads=2, layers=2))
+    model.set_emotion_stats(np.concatenate([it["emotion_gt"] for it in items]))
+    steps = 100
+    loss_fn = D.make_loss_fn(steps, {"kind": "linear", "start_fraction": 0.2, "end_fraction": 0.6, "end_alpha": 1.0})
+    cfg = {"steps": steps, "batch_size": 4, "lr": {"decoder": 3e-3}, "weight_decay": {"decoder": 0.0},
+           "warmup_steps": 5, "eval_every": 1000, "checkpoint_every": 1000, "bf16": False}
+    history = T.train_loop(model, model.parameter_groups(), items, loss_fn, cfg, checkpoint_dir=tmp_path / "ck",
+                           payload_fn=D.checkpoint_payload, progress=False)
+    assert history["alpha"][0] == 0.0 and history["alpha"][-1] == 1.0  # train_loop passed the step
+    metrics = D.evaluate_stage2(model, items, alpha=1.0)
+    assert metrics["unit_accuracy"] > 0.9, metrics
+    assert metrics["duration_mae_frames"] < 1.0, metrics
+    assert history["loss"][-1] < 0.3 * history["loss"][0]
+    # the checkpoint train_loop wrote loads back into an identical decoder
+    loaded = D.load_decoder(tmp_path / "ck" / "latest.pt")
+    h, e, emo = (torch.as_tensor(items[0][k]) for k in ("hidden", "embeds", "emotion_pred"))
+    assert torch.equal(loaded.generate(h, e, emo)["units"], model.eval().generate(h, e, emo)["units"])
+
+
+def test_save_load_round_trip_and_refusals(tmp_path):
+    model = tiny_model(seed=9)
+    with torch.no_grad():
+        model.emotion_mean.fill_(0.5)
+    path = D.save_decoder(tmp_path / "decoder.pt", model, extra={"note": "x"})
+    loaded = D.load_decoder(path)
+    assert loaded.config == model.config and torch.equal(loaded.emotion_mean, model.emotion_mean)
+    h, e, emo = reply(5)
+    for key in ("units", "pitch", "energy", "durations"):
+        assert torch.equal(loaded.generate(h, e, emo)[key], model.generate(h, e, emo)[key])
+    other = D.checkpoint_payload(model)
+    with pytest.raises(T.CheckpointError, match="max_frames"):
+        D.check_checkpoint(other, tiny_config(max_frames=32), path)
+    T.save_checkpoint(tmp_path / "stage1.pt", {"kind": "stage1"})
+    with pytest.raises(T.CheckpointError, match="not a stage-2 checkpoint"):
+        D.load_decoder(tmp_path / "stage1.pt")
+    from emo_lib.paths import MissingInputError
+
+    with pytest.raises(MissingInputError, match="06_stage2.ipynb"):
+        D.load_decoder(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="does not fit"):
+        D.SpeechDecoder(tiny_config(dim=32)).load_trainable_state(model.trainable_state())
+
+
+def test_stream_equals_generate_with_silent_tokens_and_many_windows():
+    """Tokens of 0 frames (a DTW span shorter than one unit) and window switches in the same reply."""
+    model = tiny_model(seed=3, max_frames=12, max_token_frames=6)
+    with torch.no_grad():
+        model.duration_predictor.out.weight.mul_(3)
+        model.duration_predictor.out.bias.fill_(0.6)
+    h, e, emo = reply(40, seed=3)
+    offline = model.generate(h, e, emo)
+    assert (offline["durations"] == 0).sum() > 5 and len(offline["windows"]) > 5
+    chunks = list(model.stream(zip(h, e, emo)))
+    for key in ("units", "pitch", "energy"):
+        assert torch.equal(torch.cat([c[key] for c in chunks]), offline[key])
