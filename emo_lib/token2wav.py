@@ -230,6 +230,8 @@ class Token2MelConfig:
     solver: str = "euler"  # "euler" | "midpoint"
     sigma_min: float = 1e-4  # width of the data end of the OT path
     prior_weight: float = 1.0  # weight of MSE(mu, mel) in the loss
+    prior_source: bool = False  # start the flow at mu + source_std * noise (Grad-TTS / PriorGrad) instead of noise
+    source_std: float = 1.0  # scale of the starting noise
     n_mels: int = N_MELS
     speaker_dim: int = SPEAKER_DIM
 
@@ -654,7 +656,7 @@ class Token2Mel(nn.Module):
         mu = self.encode(self.condition_frames(units, pitch, energy, n, unit_index, valid), spk, valid)
         gen_device = generator.device if generator is not None else device
         t = torch.rand(b, generator=generator, device=gen_device).to(device)
-        x0 = torch.randn(x1.shape, generator=generator, device=gen_device).to(device)
+        x0 = self.source(torch.randn(x1.shape, generator=generator, device=gen_device).to(device), mu)
         scale = 1.0 - c.sigma_min
         tt = t[:, None, None]
         x_t = (1.0 - scale * tt) * x0 + tt * x1
@@ -667,6 +669,23 @@ class Token2Mel(nn.Module):
         return {"loss": flow + c.prior_weight * prior, "flow": flow, "prior": prior}
 
     # -- sampling ----------------------------------------------------------------------------------
+    def source(self, noise: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        """The flow's starting point x0 from standard noise (normalised mel space).
+
+        Plain flow matching starts at x0 = noise ~ N(0, I). With ``prior_source`` it starts at
+        x0 = mu + source_std * noise: a Gaussian *centred on the prior mean mel* (the source
+        distribution of Grad-TTS, and PriorGrad's data-dependent prior). The path to the data is
+        then short: the network only has to add the detail that mu misses, so a briefly
+        trained flow (the cpu preset trains for minutes) already improves on mu instead of
+        having to carry pure noise all the way to speech. ``mu`` is detached: the prior is
+        trained by its own MSE only. ``noise`` covers the last frames of ``mu``.
+        """
+        c = self.config
+        x0 = c.source_std * noise
+        if c.prior_source:
+            x0 = x0 + mu[..., mu.shape[-1] - noise.shape[-1]:].detach()
+        return x0
+
     def _solve(self, x0: torch.Tensor, mu: torch.Tensor, spk: torch.Tensor, valid, steps: int, solver: str,
                history: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Integrate dx/dt = v from t = 0 to 1 for the frames of ``x0`` (the last frames of ``mu``).
@@ -686,7 +705,7 @@ class Token2Mel(nn.Module):
             inputs.append(x)
             return self.velocity(full, torch.full((b,), t, device=x.device), mu, spk, valid)[..., n_past:]
 
-        return integrate(x0, v, steps, solver), inputs
+        return integrate(self.source(x0, mu), v, steps, solver), inputs
 
     def _prepare(self, units, spk_ref, unit_lengths=None):
         units = _as_batch(units, "units", torch.long)
@@ -994,7 +1013,7 @@ class Token2MelStreamer:
         def v(x: torch.Tensor, t: float, j: int) -> torch.Tensor:
             return m.velocity(x, torch.full((b,), t, device=x.device), mu, self.spk, cache=self._velocity_caches[j])
 
-        return m.denormalize(integrate(self.noise[..., start:stop], v, self.steps, self.solver))
+        return m.denormalize(integrate(m.source(self.noise[..., start:stop], mu), v, self.steps, self.solver))
 
 
 def mel_statistics(mels: Iterable) -> tuple[np.ndarray, np.ndarray]:

@@ -265,3 +265,27 @@ def test_normalized_mutual_information_known_cases():
     assert normalized_mutual_information([1, 1, 1], [0, 1, 2]) == pytest.approx(0.0)
     with pytest.raises(UnitError, match="lengths: 3 and 2"):
         normalized_mutual_information([1, 2, 3], [1, 2])
+
+
+def test_tokenize_utterances_gives_aligned_tokens_and_mels(tmp_path):
+    from emo_lib import speech_tokens as S
+    from emo_lib.audio import save_wav
+
+    sr = 22050
+    rng = np.random.default_rng(0)
+    paths, frames = {}, []
+    for i, (seconds, hz) in enumerate([(1.3, 150.0), (0.9, 240.0)]):
+        t = np.arange(int(seconds * sr)) / sr
+        wav = (0.3 * np.sin(2 * np.pi * hz * t) + 0.01 * rng.normal(size=len(t))).astype(np.float32)
+        paths[f"u{i}"] = save_wav(tmp_path / f"u{i}.wav", wav, sr)
+        t50 = math.ceil(len(wav) / sr * 16000 / 320)  # Whisper frames at 50 Hz, as notebook 02 stores them
+        frames.append((f"u{i}", rng.normal(size=(t50, 6)).astype(np.float32)))
+    store = FrameStore(write_frame_store(tmp_path / "semantic.npy", frames))
+    kmeans = S.KMeansUnits().fit(np.concatenate([f for _, f in frames]), n_units=4, iters=5, seed=0)
+    tokens, mels = S.tokenize_utterances(kmeans, store, paths, workers=1)
+    for (key, f50), (seconds, hz) in zip(frames, [(1.3, 150.0), (0.9, 240.0)]):
+        assert tokens[key].shape == (math.ceil(len(f50) / 2), 3)  # one row per 25 Hz frame
+        assert tokens[key][:, 0].max() < 4 and tokens[key][:, 2].max() < S.ENERGY_BINS
+        voiced = tokens[key][:, 1][tokens[key][:, 1] > 0]
+        assert abs(np.median(S.pitch_bin_hz(voiced)) / hz - 1) < 0.05  # the pitch tokens hear the tone
+        assert mels[key].shape[1] == 80 and abs(mels[key].shape[0] - seconds * sr / 256) <= 2

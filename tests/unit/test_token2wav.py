@@ -141,9 +141,10 @@ def test_overfitting_two_utterances_lowers_the_loss():
     assert np.mean([h["prior"] for h in history[-5:]]) < 0.3 * np.mean([h["prior"] for h in history[:5]])
 
 
+@pytest.mark.parametrize("prior_source", [False, True])
 @pytest.mark.parametrize("solver", ["euler", "midpoint"])
-def test_streaming_chunks_equal_offline_sampling(solver):
-    model = tiny_model()
+def test_streaming_chunks_equal_offline_sampling(solver, prior_source):
+    model = tiny_model(prior_source=prior_source, source_std=0.5)
     units, pitch, energy = tokens(23)  # 80 mel frames: 10 chunks of 8
     spk = torch.randn(160)
     offline = model.sample(units, pitch, energy, spk, solver=solver, generator=torch.Generator().manual_seed(3))
@@ -225,10 +226,11 @@ def test_cached_transformer_forward_equals_the_whole_sequence_forward():
 PUSH_PATTERNS = {"one_at_a_time": [1] * 23, "irregular": [0, 1, 5, 0, 2, 7, 3, 5, 0], "all_at_once": [23]}
 
 
+@pytest.mark.parametrize("prior_source", [False, True])
 @pytest.mark.parametrize("pattern", sorted(PUSH_PATTERNS))
 @pytest.mark.parametrize("solver", ["euler", "midpoint"])
-def test_streamer_equals_offline_sampling(solver, pattern):
-    model = tiny_model()
+def test_streamer_equals_offline_sampling(solver, pattern, prior_source):
+    model = tiny_model(prior_source=prior_source, source_std=0.5)
     units, pitch, energy = tokens(23)  # 80 mel frames: 10 chunks of 8
     spk = torch.randn(160)
     streamer = T.Token2MelStreamer(model, spk, generator=torch.Generator().manual_seed(3), max_frames=100,
@@ -485,3 +487,19 @@ def test_references_come_from_another_utterance_of_the_same_speaker():
     for key, ref in chosen.items():
         assert ref != key and ref[0] == key[0] and ref != "a3"
     assert chosen == T.pick_references(keys, speakers, usable=set(keys) - {"a3"}, seed=0)  # seeded
+
+
+def test_a_prior_centred_flow_starts_at_the_prior_mean():
+    """With prior_source, a flow whose velocity is zero returns mu + source_std * noise; without, just the noise."""
+    units, pitch, energy = tokens(23)
+    spk = torch.randn(160)
+    noise = torch.randn(1, 80, T.mel_frames_for_units(23), generator=torch.Generator().manual_seed(0))
+    for prior_source in (False, True):
+        model = tiny_model(prior_source=prior_source, source_std=0.3)
+        with torch.no_grad():
+            model.to_velocity.weight.zero_()
+            model.to_velocity.bias.zero_()
+        mel = model.sample(units, pitch, energy, spk, noise=noise)
+        mu = model.normalize(model.prior(units, pitch, energy, spk))
+        expected = model.denormalize(0.3 * noise + (mu if prior_source else 0.0))
+        assert (mel - expected).abs().max() < 1e-4
