@@ -205,6 +205,16 @@ class SplicedBatch:
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
+def penalize_repeats(logits: torch.Tensor, written: list[int], penalty: float) -> None:
+    """CTRL's repetition penalty, in place on one row of logits: tokens already written are made
+    less likely (positive logits divided by ``penalty``, negative ones multiplied by it)."""
+    if penalty == 1.0 or not written:
+        return
+    seen = torch.tensor(sorted(set(written)), device=logits.device)
+    values = logits[seen]
+    logits[seen] = torch.where(values > 0, values / penalty, values * penalty)
+
+
 class SpeechLLM(nn.Module):
     """Projector + LoRA-wrapped LLM + emotion head. Build with ``build_speech_llm``."""
 
@@ -366,12 +376,8 @@ class SpeechLLM(nn.Module):
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         next_position = position[:, -1] + 1
         for _ in range(max_new_tokens):
-            if repetition_penalty != 1.0:
-                for i in range(b):
-                    if written[i]:
-                        seen = torch.tensor(sorted(set(written[i])), device=self.device)
-                        values = logits[i, seen]
-                        logits[i, seen] = torch.where(values > 0, values / repetition_penalty, values * repetition_penalty)
+            for i in range(b):
+                penalize_repeats(logits[i], written[i], repetition_penalty)
             token = logits.argmax(-1)
             token = torch.where(done, torch.full_like(token, self.end_id), token)
             finished_now = token == self.end_id
@@ -431,10 +437,7 @@ class SpeechLLM(nn.Module):
         hidden: list[torch.Tensor] = []
         shown = ""  # the text handed out so far
         for _ in range(max_new_tokens):
-            if repetition_penalty != 1.0 and written:
-                seen = torch.tensor(sorted(set(written)), device=self.device)
-                values = logits[0, seen]
-                logits[0, seen] = torch.where(values > 0, values / repetition_penalty, values * repetition_penalty)
+            penalize_repeats(logits[0], written, repetition_penalty)
             token = logits.argmax(-1)
             if int(token[0]) == self.end_id:
                 return
@@ -727,7 +730,6 @@ def response_states(model: SpeechLLM, examples: list[Stage1Example], batch_size:
 
     was_training = model.training
     model.eval()
-    results = []
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].semantic))  # less padding
     by_index = {}
     causal_lm = model.llm.get_base_model()

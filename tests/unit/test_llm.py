@@ -5,25 +5,7 @@ import torch
 
 from emo_lib import llm as L
 from emo_lib import train as T
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from emo_lib.pretrained import llm_folder
-
-    return AutoTokenizer.from_pretrained(llm_folder("packaged:smollm2-135m-instruct"))
-
-
-def tiny_llm(tokenizer, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval()
+from tiny_models import tiny_llm  # tests/unit/tiny_models.py; the tokenizer fixture is in conftest.py
 
 
 def tiny_model(tokenizer, seed=0, **overrides):

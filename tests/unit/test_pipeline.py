@@ -13,6 +13,7 @@ from emo_lib import pipeline as P
 from emo_lib import token2wav as T2W
 from emo_lib.audio import AudioError
 from emo_lib.pretrained import HiFiGANGenerator
+from tiny_models import tiny_llm  # tests/unit/tiny_models.py; the tokenizer fixture is in conftest.py
 
 SEMANTIC, EMOTION = 12, 6
 N_UNITS, PITCH_BINS, ENERGY_BINS = 10, 5, 3
@@ -22,23 +23,6 @@ TINY_HIFIGAN = {"upsample_rates": [8, 8, 4], "upsample_kernel_sizes": [16, 16, 8
 
 
 # -- tiny components (the fixture style of test_llm.py, test_decoder.py and test_token2wav.py) ----------
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from emo_lib.pretrained import llm_folder
-
-    return AutoTokenizer.from_pretrained(llm_folder("packaged:smollm2-135m-instruct"))
-
-
-def tiny_llm(tokenizer, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval()
 
 
 def tiny_stage1(tokenizer, seed=0):
