@@ -44,6 +44,17 @@ at test time stage 1's prediction is not. ``emotion_mix`` feeds
 ``(1 - alpha) * gt + alpha * pred``, with ``alpha`` rising from 0 (learn with clean emotions)
 to ``end_alpha`` (learn to cope with the predicted ones) over training ("linear"), or fixed
 (the public code's 30/70 mix is ``alpha = 0.7``).
+
+**Decoder variants.** ``SpeechDecoder`` (registry name ``"durations"``) is the kit's default.
+``emo_lib.interleaved.InterleavedDecoder`` (``"interleaved"``) is the OpenS2S-style alternative:
+it reads R hidden states, writes W units, autoregressively, and learns the alignment itself.
+``build_decoder(name, cfg, ...)`` makes either from a preset; checkpoints record which one
+(``"decoder"``), and ``load_decoder`` rebuilds the right class.
+
+**Ablations.** ``fusion="hidden_only"`` drops the gate (``x = LN h``, the embedding is never
+seen); ``adaln=False`` drops the emotion (plain LayerNorm). ``fusion="none"`` is the paper's
+"without fusion" row in one switch: hidden state only *and* plain LayerNorm, whatever ``adaln``
+says.
 """
 from __future__ import annotations
 
@@ -59,7 +70,8 @@ from torch.nn import functional as F
 
 STAGE2_NOTEBOOK = "06_stage2.ipynb"
 STAGE2_CHECKPOINT_KIND = "stage2"
-FUSIONS = ("gate", "hidden_only")
+FUSIONS = ("gate", "hidden_only", "none")
+DEFAULT_DECODER = "durations"
 
 
 class DecoderInputError(ValueError):
@@ -73,7 +85,8 @@ class Stage2Config:
     ``max_frames`` is the attention context in 25 Hz frames (1024 = 41 s); longer replies are
     decoded in windows. ``max_token_frames`` clips the within-token position and caps a
     predicted duration. ``fusion="hidden_only"`` (no gate, ``x = h``) and ``adaln=False``
-    (plain LayerNorm, emotion ignored) are the ablation switches.
+    (plain LayerNorm, emotion ignored) are the ablation switches; ``fusion="none"`` is both at
+    once (``use_adaln`` is then False whatever ``adaln`` says).
     """
 
     hidden_dim: int = 576
@@ -106,6 +119,11 @@ class Stage2Config:
         for name in ("n_units", "pitch_bins", "energy_bins", "layers", "hidden_dim", "emotion_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def use_adaln(self) -> bool:
+        """Whether the norms are AdaLN (emotion-conditioned): ``adaln`` and not ``fusion="none"``."""
+        return self.adaln and self.fusion != "none"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -229,9 +247,9 @@ class DurationPredictor(nn.Module):
     def __init__(self, config: Stage2Config):
         super().__init__()
         c = config
-        self.blocks = nn.ModuleList(DecoderBlock(c.dim, c.heads, c.emotion_dim, c.adaln, c.dropout)
+        self.blocks = nn.ModuleList(DecoderBlock(c.dim, c.heads, c.emotion_dim, c.use_adaln, c.dropout)
                                     for _ in range(c.duration_layers))
-        self.norm = make_norm(c.dim, c.emotion_dim, c.adaln)
+        self.norm = make_norm(c.dim, c.emotion_dim, c.use_adaln)
         self.out = nn.Linear(c.dim, 1)
 
     def forward(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -288,24 +306,185 @@ class WindowPlanner:
 
 
 # ---------------------------------------------------------------------------------------------
+# The decoder registry, preset helpers and what every stage-2 decoder shares
+# ---------------------------------------------------------------------------------------------
+DECODERS: dict[str, type] = {}
+
+
+def register_decoder(name: str):
+    """Class decorator: ``build_decoder(name, ...)`` and ``load_decoder`` can then make the class.
+
+    Sets the class attribute ``registry_name`` (written into checkpoints as ``"decoder"``). A
+    class must offer ``config_class`` (with ``to_dict``/``from_dict``) and the classmethod
+    ``config_from_preset(cfg, hidden_dim, emotion_dim, kmeans_meta)``. Re-registering a name
+    with a class of the same module and name (a reloaded module) replaces it; another class raises.
+    """
+
+    def add(cls: type) -> type:
+        old = DECODERS.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"a stage-2 decoder named {name!r} is already registered ({old.__qualname__}); "
+                             "choose another name")
+        cls.registry_name = name
+        DECODERS[name] = cls
+        return cls
+
+    return add
+
+
+def _load_builtin_decoders() -> None:
+    """Import the modules that register the built-in decoders (``interleaved`` imports this
+    module, so it cannot be imported at the top)."""
+    from . import interleaved  # noqa: F401
+
+
+def decoder_names() -> list[str]:
+    """The registered decoder names, built-ins included: the valid values of ``stage2.decoder``."""
+    _load_builtin_decoders()
+    return sorted(DECODERS)
+
+
+def decoder_class(name: str) -> type:
+    """The decoder class registered as ``name``; an unknown name raises ``ValueError`` listing the names."""
+    names = decoder_names()
+    if name not in DECODERS:
+        raise ValueError(f"unknown stage-2 decoder {name!r}; stage2.decoder must be one of {names}")
+    return DECODERS[name]
+
+
+def preset_values(cfg: dict, keys: Iterable[str], kmeans_meta: dict | None = None) -> dict:
+    """``cfg["stage2"][k]`` for ``keys`` plus ``n_units``/``pitch_bins``/``energy_bins`` of ``kmeans_meta``.
+
+    Missing keys raise a ``ValueError`` that names them and where they come from.
+    """
+    s2 = cfg.get("stage2")
+    if not isinstance(s2, dict):
+        raise ValueError("the preset has no stage2 section; load it with emo_lib.presets (see presets.yaml)")
+    missing = [k for k in keys if k not in s2]
+    if missing:
+        raise ValueError(f"the preset's stage2 section lacks {missing}; add them to emo_lib/presets.yaml "
+                         "(the base preset lists every stage-2 key)")
+    values = {k: s2[k] for k in keys}
+    if kmeans_meta is not None:
+        lacking = [k for k in ("n_units", "pitch_bins", "energy_bins") if k not in kmeans_meta]
+        if lacking:
+            raise ValueError(f"kmeans_meta lacks {lacking}: pass the meta of tokens/tokens.npy (notebook 05)")
+        values.update({k: int(kmeans_meta[k]) for k in ("n_units", "pitch_bins", "energy_bins")})
+    return values
+
+
+def config_from_preset(cfg: dict, hidden_dim: int, emotion_dim: int, kmeans_meta: dict) -> Stage2Config:
+    """``SpeechDecoder``'s config from a preset: ``cfg["stage2"]``'s ``dim``, ``layers``, ``heads``,
+    ``max_frames``, ``lookahead_tokens``, ``fusion``, ``adaln``; the vocabularies from
+    ``kmeans_meta`` (``tokens/tokens.npy``'s meta); the widths from stage 1's states."""
+    values = preset_values(cfg, ("dim", "layers", "heads", "max_frames", "lookahead_tokens", "fusion", "adaln"),
+                           kmeans_meta)
+    return Stage2Config(hidden_dim=int(hidden_dim), emotion_dim=int(emotion_dim), **values)
+
+
+def build_decoder(name: str, cfg: dict, hidden_dim: int, emotion_dim: int, kmeans_meta: dict) -> nn.Module:
+    """A fresh decoder ``name`` (``"durations"``, ``"interleaved"``, ...) sized by the preset ``cfg``.
+
+    ``hidden_dim``/``emotion_dim``: the widths of stage 1's states; ``kmeans_meta``: the speech
+    tokens' vocabularies (``n_units``, ``pitch_bins``, ``energy_bins``). Seed torch first.
+    """
+    cls = decoder_class(name)
+    return cls(cls.config_from_preset(cfg, hidden_dim, emotion_dim, kmeans_meta))
+
+
+class DecoderBase(nn.Module):
+    """What the stage-2 decoders share: emotion statistics, one reply's inputs, state for checkpoints.
+
+    A subclass sets ``config_class``, calls ``_register_emotion_stats(emotion_dim)`` in its
+    ``__init__`` and implements ``config_from_preset``, ``loss``, ``generate`` and
+    ``first_unit_after_tokens``. ``predicts_durations`` says whether ``predict_durations`` and
+    the ``duration_mse`` term mean anything (``evaluate_stage2`` reports NaN when not).
+    """
+
+    registry_name = "unregistered"
+    config_class: type = Stage2Config
+    predicts_durations = True
+
+    def _register_emotion_stats(self, emotion_dim: int) -> None:
+        self.register_buffer("emotion_mean", torch.zeros(emotion_dim))
+        self.register_buffer("emotion_std", torch.ones(emotion_dim))
+
+    @classmethod
+    def config_from_preset(cls, cfg: dict, hidden_dim: int, emotion_dim: int, kmeans_meta: dict):
+        raise NotImplementedError(f"{cls.__name__} does not say how a preset configures it")
+
+    @property
+    def first_unit_after_tokens(self) -> int:
+        """How many reply tokens must have arrived before the first speech unit can be produced."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.emotion_mean.device
+
+    def set_emotion_stats(self, vectors: np.ndarray) -> None:
+        """Per-dimension mean and std (floor 1e-3) of training emotion vectors (N_total, E)."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        self.emotion_mean.copy_(torch.as_tensor(vectors.mean(0)))
+        self.emotion_std.copy_(torch.as_tensor(np.maximum(vectors.std(0), 1e-3)))
+
+    def emotion_condition(self, emotion: torch.Tensor) -> torch.Tensor:
+        """Standardised emotion vectors (training-set statistics): what conditions the AdaLNs."""
+        return (emotion - self.emotion_mean) / self.emotion_std
+
+    def _reply_inputs(self, hidden, embeds, emotion) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One reply's (N,H), (N,H), (N,E) as float tensors on the model's device, widths checked."""
+        c = self.config
+        out = []
+        for name, value, width in (("hidden", hidden, c.hidden_dim), ("embeds", embeds, c.hidden_dim),
+                                   ("emotion", emotion, c.emotion_dim)):
+            t = torch.as_tensor(np.asarray(value, dtype=np.float32) if isinstance(value, np.ndarray) else value)
+            t = t.to(self.device, torch.float32)
+            if t.dim() != 2 or t.shape[1] != width:
+                raise DecoderInputError(f"{name} must have shape (N, {width}) for one reply, got {tuple(t.shape)}")
+            out.append(t)
+        if not out[0].shape[0] == out[1].shape[0] == out[2].shape[0]:
+            raise DecoderInputError(f"hidden, embeds and emotion must have one row per token, got "
+                                    f"{out[0].shape[0]}, {out[1].shape[0]}, {out[2].shape[0]}")
+        return out[0], out[1], out[2]
+
+    # -- parameters and state -------------------------------------------------------------------
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """One group, ``decoder``, for ``train.train_loop`` (give it ``cfg['lr']['decoder']``)."""
+        return {"decoder": [p for p in self.parameters() if p.requires_grad]}
+
+    def trainable_state(self) -> dict:
+        """Every weight and the emotion statistics (CPU copies): what a checkpoint must hold."""
+        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
+
+    def load_trainable_state(self, state: dict) -> None:
+        try:
+            self.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"this checkpoint does not fit the decoder's config ({err})") from err
+
+
+# ---------------------------------------------------------------------------------------------
 # The decoder
 # ---------------------------------------------------------------------------------------------
-class SpeechDecoder(nn.Module):
+@register_decoder("durations")
+class SpeechDecoder(DecoderBase):
     """Stage-2 decoder: per-token (h, e, emotion) -> durations -> per-frame unit, pitch, energy.
 
     Token level: ``h`` and ``e`` are layer-normalised separately (the LLM's last hidden states
     and its input embeddings live on very different scales; the gate can only choose between
     comparable vectors), fused by the gate, projected to ``dim``; the fused vectors of the next
     ``lookahead_tokens`` tokens are projected and added (zeros past the end of the reply). The
-    look-ahead uses the *fused* vectors, not raw embeddings, so that the ``hidden_only``
-    ablation never sees an embedding. Emotion vectors are standardised with training-set
+    look-ahead uses the *fused* vectors, not raw embeddings, so that the ``hidden_only`` and
+    ``none`` ablations never see an embedding. Emotion vectors are standardised with training-set
     statistics (``set_emotion_stats``) before they condition any AdaLN.
 
     Frame level: frame ``f`` of token ``i`` gets token ``i``'s vector + an embedding of its
     index inside the token + an embedding of the token's length (both clipped to
     ``max_token_frames``; the length is known when the frames are produced, and tells a short
     token from a long one) + a sinusoidal frame position, then ``layers`` causal AdaLN blocks
-    conditioned on emotion ``i`` and three heads.
+    conditioned on emotion ``i`` and three heads. With ``fusion="none"`` or ``adaln=False``
+    every norm is a plain LayerNorm and the emotion is ignored.
     """
 
     def __init__(self, config: Stage2Config):
@@ -319,23 +498,22 @@ class SpeechDecoder(nn.Module):
         self.duration_predictor = DurationPredictor(c)
         self.within_embedding = nn.Embedding(c.max_token_frames, c.dim)
         self.length_embedding = nn.Embedding(c.max_token_frames + 1, c.dim)
-        self.blocks = nn.ModuleList(DecoderBlock(c.dim, c.heads, c.emotion_dim, c.adaln, c.dropout) for _ in range(c.layers))
-        self.final_norm = make_norm(c.dim, c.emotion_dim, c.adaln)
+        self.blocks = nn.ModuleList(DecoderBlock(c.dim, c.heads, c.emotion_dim, c.use_adaln, c.dropout)
+                                    for _ in range(c.layers))
+        self.final_norm = make_norm(c.dim, c.emotion_dim, c.use_adaln)
         self.unit_head = nn.Linear(c.dim, c.n_units)
         self.pitch_head = nn.Linear(c.dim, c.pitch_bins)
         self.energy_head = nn.Linear(c.dim, c.energy_bins)
-        self.register_buffer("emotion_mean", torch.zeros(c.emotion_dim))
-        self.register_buffer("emotion_std", torch.ones(c.emotion_dim))
+        self._register_emotion_stats(c.emotion_dim)
+
+    @classmethod
+    def config_from_preset(cls, cfg: dict, hidden_dim: int, emotion_dim: int, kmeans_meta: dict) -> Stage2Config:
+        return config_from_preset(cfg, hidden_dim, emotion_dim, kmeans_meta)
 
     @property
-    def device(self) -> torch.device:
-        return self.emotion_mean.device
-
-    def set_emotion_stats(self, vectors: np.ndarray) -> None:
-        """Per-dimension mean and std (floor 1e-3) of training emotion vectors (N_total, E)."""
-        vectors = np.asarray(vectors, dtype=np.float32)
-        self.emotion_mean.copy_(torch.as_tensor(vectors.mean(0)))
-        self.emotion_std.copy_(torch.as_tensor(np.maximum(vectors.std(0), 1e-3)))
+    def first_unit_after_tokens(self) -> int:
+        """Token ``i``'s frames need token ``i + lookahead_tokens``: the first after ``1 + lookahead_tokens``."""
+        return 1 + self.config.lookahead_tokens
 
     # -- token level ----------------------------------------------------------------------------
     def fused(self, hidden: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
@@ -355,9 +533,6 @@ class SpeechDecoder(nn.Module):
             ahead[:, : max(0, n - k)] = x[:, k:]
             out = out + proj(ahead)
         return out * token_mask[..., None]
-
-    def emotion_condition(self, emotion: torch.Tensor) -> torch.Tensor:
-        return (emotion - self.emotion_mean) / self.emotion_std
 
     def frames_from_log(self, log_durations: torch.Tensor) -> torch.Tensor:
         """Predicted ``log(1 + frames)`` -> whole frames in [0, max_token_frames]."""
@@ -470,22 +645,6 @@ class SpeechDecoder(nn.Module):
         return self.frames_from_log(self.duration_predictor(tokens, cond)) * token_mask
 
     # -- inference ------------------------------------------------------------------------------
-    def _reply_inputs(self, hidden, embeds, emotion) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One reply's (N,H), (N,H), (N,E) as float tensors on the model's device, widths checked."""
-        c = self.config
-        out = []
-        for name, value, width in (("hidden", hidden, c.hidden_dim), ("embeds", embeds, c.hidden_dim),
-                                   ("emotion", emotion, c.emotion_dim)):
-            t = torch.as_tensor(np.asarray(value, dtype=np.float32) if isinstance(value, np.ndarray) else value)
-            t = t.to(self.device, torch.float32)
-            if t.dim() != 2 or t.shape[1] != width:
-                raise DecoderInputError(f"{name} must have shape (N, {width}) for one reply, got {tuple(t.shape)}")
-            out.append(t)
-        if not out[0].shape[0] == out[1].shape[0] == out[2].shape[0]:
-            raise DecoderInputError(f"hidden, embeds and emotion must have one row per token, got "
-                                    f"{out[0].shape[0]}, {out[1].shape[0]}, {out[2].shape[0]}")
-        return out[0], out[1], out[2]
-
     def _empty(self) -> dict:
         empty = torch.zeros(0, dtype=torch.long, device=self.device)
         return {"units": empty, "pitch": empty.clone(), "energy": empty.clone(), "durations": empty.clone(),
@@ -591,21 +750,6 @@ class SpeechDecoder(nn.Module):
                 yield ready(count - 1 - lookahead)
         for i in range(max(0, count - lookahead), count):
             yield ready(i)
-
-    # -- parameters and state -------------------------------------------------------------------
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """One group, ``decoder``, for ``train.train_loop`` (give it ``cfg['lr']['decoder']``)."""
-        return {"decoder": [p for p in self.parameters() if p.requires_grad]}
-
-    def trainable_state(self) -> dict:
-        """Every weight and the emotion statistics (CPU copies): what a checkpoint must hold."""
-        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
-
-    def load_trainable_state(self, state: dict) -> None:
-        try:
-            self.load_state_dict(state)
-        except RuntimeError as err:
-            raise ValueError(f"this checkpoint does not fit the decoder's config ({err})") from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,6 +881,28 @@ def emotion_mix(step: int, total_steps: int, schedule_cfg: dict) -> float:
     return float(cfg["end_alpha"] * (progress - start) / (end - start))
 
 
+def schedule_from_preset(s2: dict) -> dict:
+    """The emotion schedule for ``make_loss_fn`` from a preset's ``stage2`` section.
+
+    ``schedule: linear`` -> ``{"kind": "linear", "start_fraction": schedule_start, "end_fraction":
+    schedule_end, "end_alpha": schedule_alpha}``; ``schedule: fixed`` -> ``{"kind": "fixed",
+    "alpha": schedule_fixed_share}`` (default 0.7, the public code's 30 % ground truth / 70 %
+    prediction). The result is checked like any schedule.
+    """
+    kind = s2.get("schedule", "linear")
+    if kind == "linear":
+        missing = [k for k in ("schedule_start", "schedule_end", "schedule_alpha") if k not in s2]
+        if missing:
+            raise ValueError(f"stage2.schedule = 'linear' needs stage2 keys {missing} (see emo_lib/presets.yaml)")
+        schedule = {"kind": "linear", "start_fraction": s2["schedule_start"], "end_fraction": s2["schedule_end"],
+                    "end_alpha": s2["schedule_alpha"]}
+    elif kind == "fixed":
+        schedule = {"kind": "fixed", "alpha": s2.get("schedule_fixed_share", 0.7)}
+    else:
+        raise ValueError(f"stage2.schedule must be 'linear' or 'fixed', got {kind!r}")
+    return _check_schedule(schedule)
+
+
 def schedule_curve(total_steps: int, schedule_cfg: dict) -> np.ndarray:
     """``alpha`` at every step 0 .. total_steps - 1 (for a plot)."""
     return np.array([emotion_mix(s, total_steps, schedule_cfg) for s in range(total_steps)], dtype=np.float64)
@@ -763,7 +929,7 @@ def make_loss_fn(total_steps: int, schedule_cfg: dict | None = None):
     """
     schedule = _check_schedule(dict(schedule_cfg or DEFAULT_SCHEDULE))
 
-    def loss_fn(model: SpeechDecoder, batch_items: list, step: int = 0) -> dict:
+    def loss_fn(model: DecoderBase, batch_items: list, step: int = 0) -> dict:
         alpha = emotion_mix(step, total_steps, schedule)
         batch = _to_device(mix_emotion(stage2_batch(batch_items), alpha), model.device)
         terms = model.loss(batch)
@@ -773,12 +939,17 @@ def make_loss_fn(total_steps: int, schedule_cfg: dict | None = None):
 
 
 @torch.no_grad()
-def evaluate_stage2(model: SpeechDecoder, items: list, alpha: float = 1.0, batch_size: int = 16) -> dict:
+def evaluate_stage2(model: DecoderBase, items: list, alpha: float = 1.0, batch_size: int = 16) -> dict:
     """Teacher-forced held-out numbers (frame- and token-weighted means of the loss terms).
 
     ``alpha = 1`` feeds stage 1's predicted emotions, as at inference. Also the mean absolute
-    duration error in frames of the rounded predictions, ``duration_mae_frames``.
+    duration error in frames of the rounded predictions, ``duration_mae_frames``. A decoder
+    without durations (``predicts_durations = False``, e.g. ``"interleaved"``) reports NaN for
+    ``duration_mse`` and ``duration_mae_frames``. The teacher-forced accuracies of an
+    autoregressive decoder (it sees the previous true unit) are not comparable with those of
+    the non-autoregressive durations decoder: compare free-running outputs (``generate``) instead.
     """
+    with_durations = getattr(model, "predicts_durations", True)
     sums: dict = {}
     frames = tokens = 0
     abs_err = 0.0
@@ -789,29 +960,55 @@ def evaluate_stage2(model: SpeechDecoder, items: list, alpha: float = 1.0, batch
         for k, v in terms.items():
             weight = n if k == "duration_mse" else f
             sums[k] = sums.get(k, 0.0) + float(v) * weight
-        predicted = model.predict_durations(batch["hidden"], batch["embeds"], batch["emotion"], batch["token_mask"])
-        abs_err += float(((predicted - batch["durations"]).abs() * batch["token_mask"]).sum())
+        if with_durations:
+            predicted = model.predict_durations(batch["hidden"], batch["embeds"], batch["emotion"], batch["token_mask"])
+            abs_err += float(((predicted - batch["durations"]).abs() * batch["token_mask"]).sum())
         frames, tokens = frames + f, tokens + n
     result = {k: v / max(1, tokens if k == "duration_mse" else frames) for k, v in sums.items() if k != "loss"}
     result["duration_mae_frames"] = abs_err / max(1, tokens)
+    if not with_durations:
+        result["duration_mse"] = result["duration_mae_frames"] = float("nan")
     return result
 
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
-def checkpoint_payload(model: SpeechDecoder, extra: dict | None = None) -> dict:
-    """``payload_fn`` for ``train.train_loop``: kind, config and state."""
-    return {"kind": STAGE2_CHECKPOINT_KIND, "config": model.config.to_dict(), "state": model.trainable_state(),
-            **(extra or {})}
+def checkpoint_payload(model: DecoderBase, extra: dict | None = None) -> dict:
+    """``payload_fn`` for ``train.train_loop``: kind, which decoder (its ``registry_name``), config and state."""
+    return {"kind": STAGE2_CHECKPOINT_KIND, "decoder": model.registry_name, "config": model.config.to_dict(),
+            "state": model.trainable_state(), **(extra or {})}
 
 
-def check_checkpoint(payload: dict, config: Stage2Config, path) -> None:
-    """Refuse a checkpoint of another kind or with another config (``check_resume`` for train_loop)."""
+def payload_decoder(payload: dict) -> str:
+    """The decoder name a stage-2 payload records; checkpoints from before the registry are ``"durations"``."""
+    return payload.get("decoder", DEFAULT_DECODER)
+
+
+def _decoder_for_config(config) -> str:
+    """The registered decoder whose ``config_class`` is ``type(config)``."""
+    _load_builtin_decoders()
+    names = [name for name, cls in DECODERS.items() if cls.config_class is type(config)]
+    if len(names) != 1:
+        raise ValueError(f"cannot tell which decoder a {type(config).__name__} belongs to (matches: {names}); "
+                         "pass decoder= to check_checkpoint")
+    return names[0]
+
+
+def check_checkpoint(payload: dict, config, path, decoder: str | None = None) -> None:
+    """Refuse a checkpoint of another kind, another decoder or with another config (``check_resume``).
+
+    ``decoder``: the name this run trains; by default the decoder whose config class ``config`` is.
+    """
     from .train import CheckpointError
 
     if payload.get("kind") != STAGE2_CHECKPOINT_KIND:
         raise CheckpointError(f"{path} is not a stage-2 checkpoint; delete it to start fresh or run {STAGE2_NOTEBOOK}.")
+    want_decoder = decoder if decoder is not None else _decoder_for_config(config)
+    if payload_decoder(payload) != want_decoder:
+        raise CheckpointError(f"{path} holds a {payload_decoder(payload)!r} decoder, but this run asks for "
+                              f"stage2.decoder = {want_decoder!r}. Resume with the same decoder, or start fresh in "
+                              "another folder.")
     wanted = config.to_dict()
     for key, want in wanted.items():
         have = payload.get("config", {}).get(key)
@@ -820,21 +1017,30 @@ def check_checkpoint(payload: dict, config: Stage2Config, path) -> None:
                                   "Resume with the same setting, or start fresh in another folder.")
 
 
-def save_decoder(path: str | Path, model: SpeechDecoder, extra: dict | None = None) -> Path:
+def save_decoder(path: str | Path, model: DecoderBase, extra: dict | None = None) -> Path:
     """Write the decoder atomically (``train.save_checkpoint``)."""
     from .train import save_checkpoint
 
     return save_checkpoint(path, checkpoint_payload(model, extra))
 
 
-def load_decoder(path: str | Path, device: str = "cpu") -> SpeechDecoder:
-    """A trained decoder from a checkpoint written by notebook 06 (eval mode)."""
+def load_decoder(path: str | Path, device: str = "cpu") -> DecoderBase:
+    """A trained decoder from a checkpoint written by notebook 06 (eval mode).
+
+    The class is the one the payload's ``"decoder"`` names (missing: ``"durations"``, the only
+    decoder before the registry), so old checkpoints load as ``SpeechDecoder``.
+    """
     from .train import CheckpointError, load_checkpoint
 
     payload = load_checkpoint(path, STAGE2_NOTEBOOK)
     if payload.get("kind") != STAGE2_CHECKPOINT_KIND:
         raise CheckpointError(f"{path} is not a stage-2 checkpoint; run {STAGE2_NOTEBOOK} to make one.")
-    model = SpeechDecoder(Stage2Config.from_dict(payload["config"]))
+    try:
+        cls = decoder_class(payload_decoder(payload))
+        config = cls.config_class.from_dict(payload["config"])
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+    model = cls(config)
     try:
         model.load_trainable_state(payload["state"])
     except ValueError as err:

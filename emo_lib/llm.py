@@ -13,6 +13,13 @@ averaged over response tokens. Only the LoRA matrices, the projector (both adapt
 projection) and the emotion head learn; both speech encoders and the LLM's own weights stay
 frozen.
 
+The speech adapter is chosen by name (``Stage1Config.adapter``, see ``emo_lib.adapters``): the
+paper's ``fused`` projector by default, or the public code's ``interleaved`` streams, the
+``semantic_only`` ablation, or the Dual-Information SLM's ``dual_info`` adapters (with
+equivalence replacement during training). ``Stage1Config.emotion_target = "utterance_mean"``
+trains the head on each reply's mean target vector (the public code's utterance-level target);
+held-out evaluation always compares with the DTW token trajectories.
+
 Token bookkeeping, the one thing that must be exact: the response is tokenized on its own with
 ``align.llm_tokenize`` (no special tokens), exactly as notebook 03 did when it averaged emotion
 frames per token, so target vector ``k`` belongs to response token ``k``. The sequence is::
@@ -26,6 +33,7 @@ is known as soon as the token has been fed back, and the head is causal: streami
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -34,7 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .align import llm_tokenize
-from .encoders import SpeechProjector
+from .adapters import ADAPTERS, build_adapter
 
 SPEECH_PLACEHOLDER = "<speech>"
 # Short on purpose: every prompt token costs compute at every training step. The words say what
@@ -43,6 +51,7 @@ STAGE1_SYSTEM_PROMPT = "You are a caring friend. Listen to how the person sounds
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STAGE1_NOTEBOOK = "notebooks/04_stage1.ipynb"
 STAGE1_CHECKPOINT_KIND = "stage1"
+EMOTION_TARGETS = ("dtw", "utterance_mean")
 
 
 @dataclass
@@ -64,10 +73,21 @@ class Stage1Config:
     max_speech_s: float = 12.0  # longer queries are truncated or rejected (over_long)
     over_long: str = "truncate"  # "truncate" (keep the first max_speech_s) or "reject" (ValueError)
     system_prompt: str = STAGE1_SYSTEM_PROMPT
+    adapter: str = "fused"  # speech adapter, a name registered in emo_lib.adapters
+    emotion_target: str = "dtw"  # "dtw" (token trajectories) or "utterance_mean" (their mean, repeated)
+    soft_prompt_length: int = 4  # dual_info: paralinguistic soft-prompt vectors
+    replacement_prob: float = 0.0  # dual_info: equivalence-replacement probability per training example
 
     def __post_init__(self):
         if self.over_long not in ("truncate", "reject"):
             raise ValueError(f"over_long must be 'truncate' or 'reject', got {self.over_long!r}")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {sorted(ADAPTERS)}, got {self.adapter!r} (stage1.adapter in the preset)")
+        if self.emotion_target not in EMOTION_TARGETS:
+            raise ValueError(f"emotion_target must be one of {list(EMOTION_TARGETS)}, got {self.emotion_target!r} "
+                             "(stage1.emotion_target in the preset)")
+        if not 0.0 <= self.replacement_prob <= 1.0:
+            raise ValueError(f"replacement_prob must lie in [0, 1], got {self.replacement_prob} (stage1.replacement_prob)")
         self.lora_targets = tuple(self.lora_targets)
 
 
@@ -167,6 +187,7 @@ class Stage1Example:
     emotion: np.ndarray  # (T50, emotion_dim)
     response_ids: list[int] = field(default_factory=list)
     trajectory: np.ndarray | None = None  # (len(response_ids), emotion_dim) or None
+    query_ids: list[int] | None = None  # token ids of the query's transcript (dual_info's equivalence replacement)
 
 
 def limit_speech(example: Stage1Example, max_speech_s: float, policy: str) -> tuple[Stage1Example, bool]:
@@ -174,9 +195,10 @@ def limit_speech(example: Stage1Example, max_speech_s: float, policy: str) -> tu
 
     ``truncate`` keeps the first ``max_speech_s`` of both streams (the query's opening usually
     carries its point); ``reject`` raises a ValueError naming the pair and both durations.
+    ``emotion`` may be None (an adapter that does not use the emotion stream).
     """
     limit = int(round(max_speech_s * 50))
-    if len(example.semantic) != len(example.emotion):
+    if example.emotion is not None and len(example.semantic) != len(example.emotion):
         raise ValueError(f"{example.pair_id}: semantic ({len(example.semantic)}) and emotion ({len(example.emotion)}) "
                          "frames must share the 50 Hz clock")
     if len(example.semantic) <= limit:
@@ -184,8 +206,8 @@ def limit_speech(example: Stage1Example, max_speech_s: float, policy: str) -> tu
     if policy == "reject":
         raise ValueError(f"{example.pair_id}: query speech of {len(example.semantic) / 50:.1f} s is longer than "
                          f"max_speech_s = {max_speech_s} s (policy 'reject'; use 'truncate' to keep its start)")
-    return Stage1Example(example.pair_id, example.semantic[:limit], example.emotion[:limit],
-                         example.response_ids, example.trajectory), True
+    emotion = None if example.emotion is None else example.emotion[:limit]
+    return dataclasses.replace(example, semantic=example.semantic[:limit], emotion=emotion), True
 
 
 @dataclass
@@ -198,8 +220,9 @@ class SplicedBatch:
     response_positions: torch.Tensor  # (B, N) positions where response token k is input; -1 = padding
     response_mask: torch.Tensor  # (B, N) bool
     target_mask: torch.Tensor  # (B, N) bool: response token has an emotion target
-    targets: torch.Tensor  # (B, N, E) DTW trajectories (zeros where no target)
-    speech_frames: list[int]  # 10 Hz frames per example
+    targets: torch.Tensor  # (B, N, E) DTW trajectories (zeros where no target): what evaluation compares with
+    speech_frames: list[int]  # speech positions per example (10 Hz frames for the fused adapter)
+    loss_targets: torch.Tensor  # (B, N, E) what the emotion loss fits: targets, or their per-example mean (utterance_mean)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +247,8 @@ class SpeechLLM(nn.Module):
         self.llm = llm
         self.tokenizer = tokenizer
         hidden = llm.config.hidden_size
-        self.projector = SpeechProjector(config.semantic_dim, config.emotion_dim, hidden)
+        self.projector = build_adapter(config.adapter, config.semantic_dim, config.emotion_dim, hidden,
+                                       soft_prompt_length=config.soft_prompt_length)
         self.head = EmotionHead(hidden, config.emotion_dim, config.head_width, config.head_layers,
                                 config.head_heads, config.head_dropout)
         prefix, suffix = prompt_pieces(tokenizer, config.system_prompt)
@@ -257,8 +281,35 @@ class SpeechLLM(nn.Module):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(ids)
 
-    def speech_embeddings(self, examples: list[Stage1Example]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T10, H) projected speech and its (B, T10) mask, with the over-long rule applied."""
+    def replacement_embeddings(self, examples: list[Stage1Example]) -> list[torch.Tensor | None] | None:
+        """Equivalence replacement (dual_info): per example None or the (L, H) embeddings of its transcript.
+
+        Only for adapters that support it and ``replacement_prob > 0``. Each example with
+        (non-empty) ``query_ids`` is replaced with probability ``replacement_prob``; the draws come from
+        torch's global CPU RNG (seeded by the session, saved and restored by
+        ``train.train_loop``'s checkpoints), so a resumed run draws what an uninterrupted one would.
+        Returns None when nothing is replaced.
+        """
+        if not self.projector.supports_replacement or self.config.replacement_prob <= 0:
+            return None
+        draws = torch.rand(len(examples))
+        chosen = [bool(e.query_ids) and bool(draws[i] < self.config.replacement_prob) for i, e in enumerate(examples)]
+        if not any(chosen):
+            return None
+        return [self.embed_tokens(torch.tensor(e.query_ids, dtype=torch.long, device=self.device)) if c else None
+                for e, c in zip(examples, chosen)]
+
+    def speech_embeddings(self, examples: list[Stage1Example], replacement: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T', H) adapter output and its (B, T') mask, with the over-long rule applied.
+
+        T' is ceil(T50 / 5) for the fused and semantic_only adapters, twice that for interleaved,
+        K + ceil(T50 / 5) for dual_info. An adapter that does not use the emotion stream ignores
+        the examples' emotion frames (they may be missing or of any width). ``replacement``
+        allows dual_info's equivalence replacement (``forward`` sets it in training mode only).
+        """
+        uses_emotion = self.projector.uses_emotion
+        if not uses_emotion:
+            examples = [dataclasses.replace(e, emotion=None) for e in examples]
         limited = [limit_speech(e, self.config.max_speech_s, self.config.over_long)[0] for e in examples]
         for e in limited:
             if len(e.semantic) == 0:
@@ -269,22 +320,30 @@ class SpeechLLM(nn.Module):
         emotion = torch.zeros(len(limited), t50, self.config.emotion_dim, device=dev)
         mask = torch.zeros(len(limited), t50, dtype=torch.bool, device=dev)
         for i, e in enumerate(limited):
-            if e.semantic.shape[1] != self.config.semantic_dim or e.emotion.shape[1] != self.config.emotion_dim:
-                raise ValueError(f"{e.pair_id}: frames of width {e.semantic.shape[1]} + {e.emotion.shape[1]}, the "
+            emotion_width = e.emotion.shape[1] if uses_emotion else self.config.emotion_dim
+            if e.semantic.shape[1] != self.config.semantic_dim or emotion_width != self.config.emotion_dim:
+                raise ValueError(f"{e.pair_id}: frames of width {e.semantic.shape[1]} + {emotion_width}, the "
                                  f"model expects {self.config.semantic_dim} + {self.config.emotion_dim}")
             semantic[i, : len(e.semantic)] = torch.as_tensor(np.asarray(e.semantic, dtype=np.float32), device=dev)
-            emotion[i, : len(e.emotion)] = torch.as_tensor(np.asarray(e.emotion, dtype=np.float32), device=dev)
+            if uses_emotion:
+                emotion[i, : len(e.emotion)] = torch.as_tensor(np.asarray(e.emotion, dtype=np.float32), device=dev)
             mask[i, : len(e.semantic)] = True
-        return self.projector(semantic, emotion, mask)
+        swap = self.replacement_embeddings(limited) if replacement else None
+        return self.projector(semantic, emotion, mask, replace=swap)
 
-    def splice(self, examples: list[Stage1Example], with_response: bool = True) -> SplicedBatch:
+    def splice(self, examples: list[Stage1Example], with_response: bool = True, replacement: bool = False) -> SplicedBatch:
         """Build the padded input embeddings, masks, labels and emotion targets of a batch.
 
         With ``with_response`` the reply and ``<|im_end|>`` follow the prompt (teacher forcing),
         right-padded; without it the batch holds prompts only, LEFT-padded so that generation
-        continues every row from its last real position.
+        continues every row from its last real position. ``replacement`` allows dual_info's
+        equivalence replacement (training only).
+
+        ``targets`` are always the DTW token trajectories; ``loss_targets`` are what the emotion
+        loss fits: the same, or with ``emotion_target = "utterance_mean"`` each example's mean
+        target vector repeated on every response token (the public code's utterance-level target).
         """
-        speech, speech_mask = self.speech_embeddings(examples)
+        speech, speech_mask = self.speech_embeddings(examples, replacement=replacement)
         prefix = self.embed_tokens(self.prefix_ids)
         suffix = self.embed_tokens(self.suffix_ids)
         rows, label_rows, positions, n_frames = [], [], [], []
@@ -328,12 +387,22 @@ class SpeechLLM(nn.Module):
                                          f"{len(examples[i].response_ids)} response tokens; rerun notebook 03")
                     targets[i, : len(trajectory)] = torch.as_tensor(np.asarray(trajectory, dtype=np.float32), device=self.device)
                     target_mask[i, : len(trajectory)] = True
-        return SplicedBatch(embeds, attention, labels, pos, pos >= 0, target_mask, targets, n_frames)
+        loss_targets = targets
+        if self.config.emotion_target == "utterance_mean":
+            m = target_mask[..., None].to(targets.dtype)
+            mean = (targets * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
+            loss_targets = mean * m
+        return SplicedBatch(embeds, attention, labels, pos, pos >= 0, target_mask, targets, n_frames, loss_targets)
 
     # -- training forward ----------------------------------------------------------------------
     def forward(self, examples: list[Stage1Example]) -> dict:
-        """Teacher-forced forward: loss terms, the response hidden states and emotion vectors."""
-        batch = self.splice(examples, with_response=True)
+        """Teacher-forced forward: loss terms, the response hidden states and emotion vectors.
+
+        The loss fits ``batch.loss_targets`` (see ``splice``); the returned ``targets`` are the
+        DTW trajectories whatever ``emotion_target`` says, so evaluation reads the same targets
+        for every arm. In training mode dual_info's equivalence replacement may apply.
+        """
+        batch = self.splice(examples, with_response=True, replacement=self.training)
         causal_lm = self.llm.get_base_model()  # the LoRA-injected LlamaForCausalLM (or Qwen2…)
         last = causal_lm.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                                use_cache=False).last_hidden_state
@@ -345,7 +414,7 @@ class SpeechLLM(nn.Module):
         gather = batch.response_positions.clamp_min(0)
         response_hidden = torch.gather(last, 1, gather[..., None].expand(-1, -1, last.shape[-1]))
         standardized = self.head(response_hidden.float(), batch.response_mask)
-        target = (batch.targets - self.target_mean) / self.target_std
+        target = (batch.loss_targets - self.target_mean) / self.target_std
         mse, cos = emotion_losses(standardized, target, batch.target_mask)
         loss = stage1_loss(ce, mse, cos, self.config.emotion_weight)
         predicted = (standardized * self.target_std + self.target_mean) * batch.response_mask[..., None]
@@ -525,14 +594,26 @@ def checkpoint_payload(model: SpeechLLM, extra: dict | None = None) -> dict:
     return {"kind": STAGE1_CHECKPOINT_KIND, "config": asdict(model.config), "state": model.trainable_state(), **(extra or {})}
 
 
+OLD_CHECKPOINT_DEFAULTS = {"adapter": "fused", "emotion_target": "dtw", "soft_prompt_length": 4}
+
+
 def check_checkpoint_config(saved: dict, config: Stage1Config, path) -> None:
-    """Refuse a checkpoint whose shapes differ from ``config`` (e.g. another LoRA rank), naming both."""
+    """Refuse a checkpoint whose shapes or objective differ from ``config`` (e.g. another LoRA rank), naming both.
+
+    Also compared: ``adapter`` and ``emotion_target`` (resuming one arm from another arm's
+    checkpoint would mix two models or two objectives) and, for dual_info, ``soft_prompt_length``.
+    Keys a checkpoint from before they existed lacks take the value those checkpoints were
+    trained with (``OLD_CHECKPOINT_DEFAULTS``: the fused adapter, DTW targets).
+    """
     from .train import CheckpointError
 
-    keys = ("lora_r", "lora_targets", "emotion_dim", "semantic_dim", "head_width", "head_layers", "llm")
+    keys = ["lora_r", "lora_targets", "emotion_dim", "semantic_dim", "head_width", "head_layers", "llm",
+            "adapter", "emotion_target"]
+    if config.adapter == "dual_info":
+        keys.append("soft_prompt_length")
     wanted = asdict(config)
     for key in keys:
-        have, want = saved.get(key), wanted[key]
+        have, want = saved.get(key, OLD_CHECKPOINT_DEFAULTS.get(key)), wanted[key]
         if isinstance(have, list):
             have = tuple(have)
         if have != want:
@@ -549,8 +630,11 @@ def load_stage1(path, device: str = "cpu", llm=None, tokenizer=None) -> SpeechLL
     payload = load_checkpoint(path, STAGE1_NOTEBOOK)
     if payload.get("kind") != STAGE1_CHECKPOINT_KIND:
         raise CheckpointError(f"{path} is not a stage-1 checkpoint; run {STAGE1_NOTEBOOK} to make one.")
-    known = set(Stage1Config.__dataclass_fields__)
-    config = Stage1Config(**{k: v for k, v in payload["config"].items() if k in known})
+    known = set(Stage1Config.__dataclass_fields__)  # keys a checkpoint lacks take their defaults (fused, dtw)
+    try:
+        config = Stage1Config(**{k: v for k, v in payload["config"].items() if k in known})
+    except ValueError as err:
+        raise CheckpointError(f"{path}: its saved config is not valid here ({err}); run {STAGE1_NOTEBOOK} again.") from err
     model = build_speech_llm(config, llm, tokenizer, device="cpu")
     try:
         model.load_trainable_state(payload["state"])
@@ -577,7 +661,10 @@ def load_stage1_examples(run, rows: list[dict], tokenizer, splits: tuple[str, ..
     ``features/token_spans.jsonl`` (the ids notebook 03 aligned must be the ids tokenized here).
     A pair without a trajectory (or with mismatching ids) is skipped when ``require_trajectory``
     and counted, never given zero targets silently; without ``require_trajectory`` it is kept
-    with ``trajectory=None`` (no emotion loss for it). Returns ``(examples, counts)``.
+    with ``trajectory=None`` (no emotion loss for it). ``query_ids`` are the tokens of the query's
+    ASR transcript (``query_asr_text``, else the scripted ``query_text``): dual_info's equivalence
+    replacement feeds their embeddings in place of the linguistic adapter's output. Returns
+    ``(examples, counts)``.
     """
     from .paths import read_jsonl
     from .store import FrameStore
@@ -607,7 +694,9 @@ def load_stage1_examples(run, rows: list[dict], tokenizer, splits: tuple[str, ..
             trajectory = trajectories[r["pair_id"]]
         if trajectory is None and require_trajectory:
             continue
-        examples.append(Stage1Example(r["pair_id"], semantic[key], emotion[key], ids, trajectory))
+        transcript = r.get("query_asr_text") or r.get("query_text") or ""
+        query_ids = list(tokenizer(transcript, add_special_tokens=False)["input_ids"]) or None
+        examples.append(Stage1Example(r["pair_id"], semantic[key], emotion[key], ids, trajectory, query_ids))
         counts["used"] += 1
     return examples, counts
 
@@ -655,7 +744,9 @@ def config_from_preset(cfg: dict, semantic_dim: int, emotion_dim: int) -> Stage1
     return Stage1Config(llm=cfg["models"]["llm"], semantic_dim=semantic_dim, emotion_dim=emotion_dim,
                         lora_r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
                         lora_targets=tuple(s["lora_targets"]), head_width=s["head_width"], head_layers=s["head_layers"],
-                        emotion_weight=s["emotion_weight"], max_speech_s=s["max_speech_s"], over_long=s["over_long"])
+                        emotion_weight=s["emotion_weight"], max_speech_s=s["max_speech_s"], over_long=s["over_long"],
+                        adapter=s.get("adapter", "fused"), emotion_target=s.get("emotion_target", "dtw"),
+                        soft_prompt_length=s.get("soft_prompt_length", 4), replacement_prob=s.get("replacement_prob", 0.0))
 
 
 def loop_from_preset(cfg: dict) -> dict:
@@ -677,7 +768,10 @@ def evaluate_teacher_forced(model: SpeechLLM, examples: list[Stage1Example], bat
     emotion frames share a large common direction, so a raw cosine alone would flatter the head.
     The *centered* cosine subtracts the training mean vector from both sides first: 0 for the
     constant predictor, so it measures only the emotion-specific part of the plan. ``mse`` and
-    ``one_minus_cos`` are the loss terms (standardized space). Returns per-token averages of
+    ``one_minus_cos`` are Eq. 3's emotion terms (standardized space). Every emotion number is
+    computed against the DTW token trajectories (``out["targets"]``), also for a model trained
+    with ``emotion_target = "utterance_mean"``, so all arms are judged on the same targets.
+    Returns per-token averages of
     ``ce``, ``mse``, ``one_minus_cos``, ``trajectory_cosine``, ``centered_cosine``,
     ``constant_cosine`` and the number of ``tokens``.
     """
@@ -698,8 +792,10 @@ def evaluate_teacher_forced(model: SpeechLLM, examples: list[Stage1Example], bat
         sums["ce"] += float(out["ce"]) * tokens
         weights["ce"] += tokens
         if targets:
-            sums["mse"] += float(out["mse"]) * targets
-            sums["one_minus_cos"] += float(out["one_minus_cos"]) * targets
+            mse, one_minus_cos = emotion_losses((out["emotion"] - model.target_mean) / model.target_std,
+                                                (out["targets"] - model.target_mean) / model.target_std, out["target_mask"])
+            sums["mse"] += float(mse) * targets
+            sums["one_minus_cos"] += float(one_minus_cos) * targets
             sums["trajectory_cosine"] += trajectory_cosine(out["emotion"], out["targets"], out["target_mask"]) * targets
             constant += trajectory_cosine(mean_target.expand_as(out["targets"]), out["targets"], out["target_mask"]) * targets
             centre = model.target_mean  # the training mean: what is left is the emotion-specific part

@@ -237,21 +237,40 @@ class Pump:
 class StreamingDecoder:
     """``SpeechDecoder.stream`` driven token by token: ``push(h_i, e_i, emo_i)`` -> frame dicts.
 
+    A decoder without durations (``predicts_durations = False``, the interleaved read/write
+    decoder) is driven through its ``IncrementalWriter`` instead: a block of units after every R-th
+    token, reported as frames of the last token read.
+
     The decoder releases token ``i`` when token ``i + lookahead_tokens`` arrives, so the first
     ``lookahead_tokens`` pushes return nothing and every later push returns one token's frames
     ``{"token", "duration", "units", "pitch", "energy"}``; ``finish()`` returns the last ones.
     """
 
     def __init__(self, decoder):
-        self.lookahead = decoder.config.lookahead_tokens
-        self._pump = Pump(decoder.stream)
         self.pushed = 0
+        self._writer = None
+        if getattr(decoder, "predicts_durations", True):
+            self.lookahead = decoder.config.lookahead_tokens
+            self._pump = Pump(decoder.stream)
+        else:  # a read/write decoder (interleaved): blocks of units after every R tokens, no durations
+            from .interleaved import incremental
+
+            self._writer = incremental(decoder)
+
+    @staticmethod
+    def _as_frames(blocks: list[dict]) -> list[dict]:
+        """Write blocks in the per-token format: ``token`` = the last token read, ``duration`` = block length."""
+        return [{**b, "token": int(b["tokens_read"]) - 1, "duration": int(len(b["units"]))} for b in blocks]
 
     def push(self, hidden, embed, emotion) -> list[dict]:
         self.pushed += 1
+        if self._writer is not None:
+            return self._as_frames(self._writer.push(hidden, embed, emotion))
         return self._pump.push((hidden, embed, emotion), 1 if self.pushed > self.lookahead else 0)
 
     def finish(self) -> list[dict]:
+        if self._writer is not None:
+            return self._as_frames(self._writer.finish())
         return self._pump.finish()
 
 

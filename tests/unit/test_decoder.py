@@ -374,3 +374,52 @@ def test_stream_equals_generate_with_silent_tokens_and_many_windows():
     chunks = list(model.stream(zip(h, e, emo)))
     for key in ("units", "pitch", "energy"):
         assert torch.equal(torch.cat([c[key] for c in chunks]), offline[key])
+
+
+# -- presets, the registry, old checkpoints --------------------------------------------------------
+def test_schedule_from_preset_linear_and_fixed():
+    s2 = {"schedule": "linear", "schedule_start": 0.1, "schedule_end": 0.5, "schedule_alpha": 0.9,
+          "schedule_fixed_share": 0.3}
+    linear = D.schedule_from_preset(s2)
+    assert linear == {"kind": "linear", "start_fraction": 0.1, "end_fraction": 0.5, "end_alpha": 0.9}
+    assert D.emotion_mix(50, 100, linear) == pytest.approx(0.9)
+    fixed = D.schedule_from_preset({**s2, "schedule": "fixed"})
+    assert fixed == {"kind": "fixed", "alpha": 0.3}
+    assert D.schedule_from_preset({"schedule": "fixed"}) == {"kind": "fixed", "alpha": 0.7}  # the public code's mix
+    loss_fn = D.make_loss_fn(10, fixed)  # the schedule make_loss_fn accepts (notebook 06's old dict did not)
+    assert float(loss_fn(tiny_model(), [item(0, 3), item(1, 2)], 0)["alpha"]) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="stage2.schedule must be"):
+        D.schedule_from_preset({"schedule": "cosine"})
+    with pytest.raises(ValueError, match="alpha must be in"):
+        D.schedule_from_preset({"schedule": "fixed", "schedule_fixed_share": 1.5})
+    with pytest.raises(ValueError, match=r"needs stage2 keys \['schedule_alpha'\]"):
+        D.schedule_from_preset({"schedule": "linear", "schedule_start": 0.1, "schedule_end": 0.5})
+
+
+def test_config_from_preset_and_first_unit():
+    cfg = {"stage2": {"dim": 32, "layers": 3, "heads": 4, "max_frames": 100, "lookahead_tokens": 2,
+                      "fusion": "none", "adaln": True, "steps": 5}}
+    config = D.config_from_preset(cfg, H, E, {"n_units": 20, "pitch_bins": 7, "energy_bins": 4})
+    assert (config.dim, config.layers, config.heads, config.max_frames, config.lookahead_tokens) == (32, 3, 4, 100, 2)
+    sizes = (config.n_units, config.pitch_bins, config.energy_bins, config.hidden_dim, config.emotion_dim)
+    assert sizes == (20, 7, 4, H, E)
+    assert config.fusion == "none" and config.adaln and not config.use_adaln
+    assert D.SpeechDecoder(config).first_unit_after_tokens == 3
+    assert tiny_model(lookahead_tokens=0).first_unit_after_tokens == 1
+
+
+def test_checkpoints_record_the_decoder_and_old_ones_load_as_durations(tmp_path):
+    model = tiny_model(seed=4)
+    payload = D.checkpoint_payload(model)
+    assert payload["decoder"] == "durations" == model.registry_name
+    D.check_checkpoint(payload, model.config, "x.pt")
+    old = {k: v for k, v in payload.items() if k != "decoder"}  # written before the registry existed
+    D.check_checkpoint(old, model.config, "old.pt")
+    T.save_checkpoint(tmp_path / "old.pt", old)
+    loaded = D.load_decoder(tmp_path / "old.pt")
+    assert type(loaded) is D.SpeechDecoder and loaded.config == model.config
+    h, e, emo = reply(5)
+    assert torch.equal(loaded.generate(h, e, emo)["units"], model.generate(h, e, emo)["units"])
+    T.save_checkpoint(tmp_path / "odd.pt", {**payload, "decoder": "ctc"})
+    with pytest.raises(T.CheckpointError, match="unknown stage-2 decoder 'ctc'"):
+        D.load_decoder(tmp_path / "odd.pt")

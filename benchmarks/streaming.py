@@ -1,0 +1,123 @@
+"""First-audio latency and real-time factor of the streaming system (emo_lib.pipeline.EmotionOmni).
+
+    OMP_NUM_THREADS=2 python benchmarks/streaming.py --run runs/cpu --replies 5
+
+Loads a run's trained system as notebook 07 does (``EmotionOmni.from_run``: stage 1, the stage-2
+decoder, token2mel, HiFi-GAN, Whisper's encoder and the emotion encoder), then answers ``--replies``
+recorded held-out queries (test split, seeded choice) with ``respond`` (streamed) and, unless
+``--no-offline``, ``respond_offline`` (the same reply, all audio at the end). One extra query is
+answered first and not counted (warm-up: lazy initialisation, first-call allocations).
+
+- first audio: compute seconds from the call until the first piece of reply audio is ready;
+- RTF: compute seconds / seconds of reply audio (< 1 is faster than real time);
+- offline / first audio: how much sooner the streamed reply starts than an offline one would.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from emo_lib.report import machine_line, text_table
+
+
+def pick_queries(rows: list[dict], count: int, seed: int) -> list[dict]:
+    """``count + 1`` kept test-split queries (the first is the warm-up), a seeded choice in manifest order."""
+    held_out = [r for r in rows if r.get("kept", True) and r.get("split") == "test" and r.get("query_wav")]
+    if len(held_out) < count + 1:
+        raise SystemExit(f"the run has {len(held_out)} held-out queries, fewer than --replies {count} + 1 warm-up")
+    chosen = np.random.default_rng(seed).choice(len(held_out), size=count + 1, replace=False)
+    return [held_out[i] for i in sorted(chosen)]
+
+
+def stream_once(omni, wav: np.ndarray, sr: int) -> dict:
+    """One streamed reply: its "done" event's first_audio_s, seconds, audio_s, rtf, text."""
+    done = None
+    for event in omni.respond(wav, sr):
+        done = event
+    return {"first_audio_s": done["first_audio_s"], "seconds": done["seconds"], "audio_s": done["audio_s"],
+            "rtf": done["rtf"], "text": done["text"]}
+
+
+def offline_once(omni, wav: np.ndarray, sr: int) -> float:
+    """Compute seconds of the same reply without streaming (all audio arrives at the end)."""
+    return float(omni.respond_offline(wav, sr)["seconds"])
+
+
+def summarize(records: list[dict]) -> dict:
+    """Mean and max of first audio, RTF, reply seconds (and offline seconds) over the spoken replies."""
+    spoken = [r for r in records if r["audio_s"] > 0 and r["first_audio_s"] is not None]
+    out = {"replies": len(records), "spoken": len(spoken)}
+    for key in ("first_audio_s", "rtf", "audio_s", "offline_s"):
+        values = [r[key] for r in spoken if r.get(key) is not None]
+        if values:
+            out[f"{key}_mean"], out[f"{key}_max"] = float(np.mean(values)), float(np.max(values))
+    if "offline_s_mean" in out and out.get("first_audio_s_mean"):
+        out["offline_over_first_audio"] = out["offline_s_mean"] / out["first_audio_s_mean"]
+    return out
+
+
+def format_report(records: list[dict], summary: dict) -> str:
+    """Per-reply rows, then mean and max rows, then the offline / first-audio ratio."""
+    with_offline = any(r.get("offline_s") is not None for r in records)
+    header = ["reply", "reply audio (s)", "first audio (s)", "compute (s)", "RTF"] + (["offline (s)"] if with_offline else [])
+
+    def f(value, spec=".2f"):
+        return "" if value is None or (isinstance(value, float) and not np.isfinite(value)) else format(value, spec)
+
+    rows = []
+    for i, r in enumerate(records):
+        row = [str(i + 1), f(r["audio_s"]), f(r["first_audio_s"]), f(r["seconds"]), f(r["rtf"])]
+        rows.append(row + ([f(r.get("offline_s"))] if with_offline else []))
+    for stat in ("mean", "max"):
+        row = [stat, f(summary.get(f"audio_s_{stat}")), f(summary.get(f"first_audio_s_{stat}")), "",
+               f(summary.get(f"rtf_{stat}"))]
+        rows.append(row + ([f(summary.get(f"offline_s_{stat}"))] if with_offline else []))
+    text = text_table(header, rows)
+    text += f"\nspoken replies: {summary['spoken']} of {summary['replies']}"
+    if "offline_over_first_audio" in summary:
+        text += f"; offline reply time / streamed first audio = {summary['offline_over_first_audio']:.1f}x"
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a run folder with notebooks 02-06's checkpoints, e.g. runs/cpu")
+    parser.add_argument("--preset", default=None, help="preset of the run (default: from its metrics.json)")
+    parser.add_argument("--replies", type=int, default=5, help="held-out queries answered and counted")
+    parser.add_argument("--no-offline", action="store_true", help="skip the offline (non-streamed) comparison")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from emo_lib import data, pipeline
+    from emo_lib.audio import load_audio
+    from emo_lib.session import seed_everything
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_throughput import open_run  # the same run/preset resolution
+
+    run, cfg = open_run(args.run, args.preset)
+    seed_everything(cfg["seed"])
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(machine_line())
+    print(f"run {run.root} | preset {cfg.name} | device {device} | torch threads {torch.get_num_threads()}")
+    omni = pipeline.EmotionOmni.from_run(run, cfg, device)
+    queries = pick_queries(data.load_manifest(run), args.replies, cfg["seed"])
+    records = []
+    for k, row in enumerate(queries):
+        wav, sr = load_audio(run.root / row["query_wav"])
+        record = stream_once(omni, wav, sr)
+        if not args.no_offline:
+            record["offline_s"] = offline_once(omni, wav, sr)
+        if k > 0:  # the first reply is the warm-up
+            records.append(record)
+    print(format_report(records, summarize(records)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
