@@ -209,8 +209,8 @@ def train_stage1_arm(run, preset: str, base_overrides: dict | None, arm: Arm | s
     loop = llm.loop_from_preset(cfg)
     loop.update(eval_every=steps, checkpoint_every=steps)
     started = time.perf_counter()
-    history = llm.train_stage1(model, data.train, data.val[: cfg["stage1"]["eval_examples"]], loop,
-                               folder / "checkpoint", progress=progress, device=device)
+    # no periodic validation here: the held-out scores below are the arm's evaluation (and cost minutes)
+    history = llm.train_stage1(model, data.train, [], loop, folder / "checkpoint", progress=progress, device=device)
     training_s = history["seconds"][-1] if history["seconds"] else 0.0
     model.eval()
     heldout = llm.evaluate_teacher_forced(model, data.test)
@@ -230,8 +230,8 @@ def train_stage1_arm(run, preset: str, base_overrides: dict | None, arm: Arm | s
         "same_text_distinct_replies": len(set(texts)),
         "heldout_ce_nats": heldout["ce"], "heldout_centered_cosine": heldout["centered_cosine"],
         "heldout_trajectory_cosine": heldout["trajectory_cosine"],
-        "val_ce_before": history["eval"][0]["ce"] if history["eval"] else None,
-        "val_ce_after": history["eval"][-1]["ce"] if history["eval"] else None,
+        "first_train_ce": float(np.mean(history["ce"][:3])) if history.get("ce") else None,
+        "last_train_ce": float(np.mean(history["ce"][-3:])) if history.get("ce") else None,
         "minutes": round((time.perf_counter() - started) / 60, 2),
     }
     write_json_atomic(folder / "result.json", {"settings": settings, "result": result})
@@ -301,8 +301,16 @@ def held_out_replies(run, cfg, stage1, n: int, device: str = "cpu") -> list[dict
     return replies
 
 
+MAX_FRAMES_PER_TOKEN = 12  # 0.48 s of speech per text token: about twice the slowest speech in the data
+
+
 def speak(decoder, token2mel, vocoder, voice, reply: dict, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """One reply's decoder outputs -> token2mel (seeded noise) -> HiFi-GAN waveform at 22.05 kHz."""
+    """One reply's decoder outputs -> token2mel (seeded noise) -> HiFi-GAN waveform at 22.05 kHz.
+
+    A decoder that writes more than ``MAX_FRAMES_PER_TOKEN`` speech tokens per text token (an
+    autoregressive one that has not learned to stop) is cut there before token2mel, and the
+    reply is flagged ``capped``: its audio would be mostly babble and would cost minutes.
+    """
     import torch
 
     with torch.inference_mode():
@@ -310,12 +318,14 @@ def speak(decoder, token2mel, vocoder, voice, reply: dict, seed: int = 0) -> tup
         speech = decoder.generate(torch.as_tensor(reply["hidden"]), torch.as_tensor(reply["embeds"]),
                                   torch.as_tensor(reply["emotion"]))
         decoding_s = time.perf_counter() - started
-        if len(speech["units"]) == 0:
-            return np.zeros(0, dtype=np.float32), {"frames": 0, "decoder_s": decoding_s}
-        mel = token2mel.sample(speech["units"], speech["pitch"], speech["energy"], voice,
-                               generator=torch.Generator().manual_seed(seed))[0]
+        limit = MAX_FRAMES_PER_TOKEN * len(reply["hidden"])
+        capped = len(speech["units"]) > limit
+        units, pitch, energy = (speech[k][:limit] for k in ("units", "pitch", "energy"))
+        if len(units) == 0:
+            return np.zeros(0, dtype=np.float32), {"frames": 0, "decoder_s": decoding_s, "capped": False}
+        mel = token2mel.sample(units, pitch, energy, voice, generator=torch.Generator().manual_seed(seed))[0]
         wav = vocoder(mel)
-    return wav, {"frames": int(len(speech["units"])), "decoder_s": decoding_s}
+    return wav, {"frames": int(len(units)), "decoder_s": decoding_s, "capped": capped}
 
 
 def train_stage2_arm(run, preset: str, base_overrides: dict | None, arm: Arm | str, steps: int, data: Stage2Data,
@@ -402,6 +412,7 @@ def train_stage2_arm(run, preset: str, base_overrides: dict | None, arm: Arm | s
             result["e2e_mos"] = per_item_ci(scores, cfg["seed"], n_resamples)
         result["decoder_real_time_factor"] = sum(info[i]["decoder_s"] for i in spoken) / max(audio_s, 1e-9)
     result["e2e_spoken"] = len(spoken)
+    result["e2e_capped"] = sum(bool(m["capped"]) for m in info)  # replies cut at MAX_FRAMES_PER_TOKEN
     result["e2e_replies"] = len(data.replies)
     result["minutes"] = round((time.perf_counter() - started) / 60, 2)
     out = folder / "wavs"

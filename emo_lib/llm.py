@@ -851,7 +851,7 @@ def response_states(model: SpeechLLM, examples: list[Stage1Example], batch_size:
 
 def train_stage1(model: SpeechLLM, train: list[Stage1Example], val: list[Stage1Example], loop: dict, checkpoint_dir,
                  progress: bool = True, device: str = "cpu") -> dict:
-    """Stage-1 training with ``train.train_loop``: resumable, evaluated on ``val`` as it goes."""
+    """Stage-1 training with ``train.train_loop``: resumable, evaluated on ``val`` as it goes (an empty ``val``: never)."""
     from .train import train_loop
 
     def check(payload, path):
@@ -862,6 +862,7 @@ def train_stage1(model: SpeechLLM, train: list[Stage1Example], val: list[Stage1E
         check_checkpoint_config(payload["config"], model.config, path)
 
     return train_loop(model, model.parameter_groups(), train, lambda m, batch: m(batch), loop, checkpoint_dir,
-                      eval_fn=lambda m: evaluate_teacher_forced(m, val), payload_fn=checkpoint_payload,
+                      eval_fn=(lambda m: evaluate_teacher_forced(m, val)) if val else None,  # no val: no evaluation
+                      payload_fn=checkpoint_payload,
                       check_resume=check, lengths=[len(e.semantic) // 5 + len(e.response_ids) for e in train],
                       progress=progress, device=device)

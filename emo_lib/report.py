@@ -202,6 +202,32 @@ def fmt_scalars(values: Any, spec: str = ".3f") -> str:
     return "; ".join(parts)
 
 
+ARM_HEADLINES = (  # (metrics key, short label): what an arm's cell shows in the README table
+    ("same_text_judge_accuracy", "judge"), ("heldout_ce_nats", "CE"), ("heldout_centered_cosine", "cos"),
+    ("val_unit_accuracy", "unit acc"), ("val_energy_accuracy", "energy acc"),
+    ("val_energy_accuracy_drop_wrong_emotion", "energy drop, wrong emotion"),
+    ("e2e_wer", "WER"), ("e2e_emotion_accuracy", "emotion"), ("e2e_mos", "MOS"),
+    ("first_unit_after_tokens", "tokens before speech"), ("steps", "steps"),
+)
+
+
+def fmt_arm(values: Any) -> str:
+    """An arm's headline numbers (``ARM_HEADLINES``) with their intervals; every scalar if none is known."""
+    if not isinstance(values, dict):
+        return fmt_scalars(values)
+    parts = []
+    for key, label in ARM_HEADLINES:
+        value = values.get(key)
+        if not isinstance(value, (int, float)) or is_missing(value):
+            continue
+        text = f"{label} {fmt_number(value, '.0f' if key in ('steps', 'first_unit_after_tokens') else '.3f')}"
+        ci = values.get(f"{key}_ci")
+        if isinstance(ci, (list, tuple)) and len(ci) == 2 and not any(is_missing(c) for c in ci):
+            text += f" [{fmt_number(ci[0], '.2f')}, {fmt_number(ci[1], '.2f')}]"
+        parts.append(text)
+    return "; ".join(parts) if parts else fmt_scalars(values)
+
+
 # ---------------------------------------------------------------------------------------------
 # The table spec
 # ---------------------------------------------------------------------------------------------
@@ -361,8 +387,8 @@ ROWS: list[Row | DictRows] = [
         with_ci("08_evaluation.mos_e2e", "08_evaluation.mos_e2e_ci"), fmt_ci(".2f")),
     Row("08 evaluation", "MOS stand-in, the recorded (espeak-ng) replies",
         with_ci("08_evaluation.mos_recordings", "08_evaluation.mos_recordings_ci"), fmt_ci(".2f")),
-    DictRows("08 evaluation", "ablation: {key}", "08_evaluation.ablations"),
-    DictRows("09 variants", "variant: {key}", "09_variants.variants"),
+    DictRows("08 evaluation", "ablation arm {key} (equal budget, 95 % CI)", "08_evaluation.ablations", fmt_arm),
+    DictRows("09 variants", "variant arm {key} (equal budget, 95 % CI)", "09_variants.variants", fmt_arm),
     DictRows("time", "wall time, {key}", "run.notebook_durations_s", fmt_duration, sort=True),
     Row("time", "wall time, all notebooks run", total_seconds, fmt_duration),
 ]
