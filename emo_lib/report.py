@@ -207,7 +207,8 @@ ARM_HEADLINES = (  # (metrics key, short label): what an arm's cell shows in the
     ("val_unit_accuracy", "unit acc"), ("val_energy_accuracy", "energy acc"),
     ("val_energy_accuracy_drop_wrong_emotion", "energy drop, wrong emotion"),
     ("e2e_wer", "WER"), ("e2e_emotion_accuracy", "emotion"), ("e2e_mos", "MOS"),
-    ("first_unit_after_tokens", "tokens before speech"), ("steps", "steps"),
+    ("first_unit_after_tokens", "tokens before speech"), ("e2e_capped", "replies cut at 12 frames/token"),
+    ("steps", "steps"),
 )
 
 
@@ -220,7 +221,7 @@ def fmt_arm(values: Any) -> str:
         value = values.get(key)
         if not isinstance(value, (int, float)) or is_missing(value):
             continue
-        text = f"{label} {fmt_number(value, '.0f' if key in ('steps', 'first_unit_after_tokens') else '.3f')}"
+        text = f"{label} {fmt_number(value, '.0f' if key in ('steps', 'first_unit_after_tokens', 'e2e_capped') else '.3f')}"
         ci = values.get(f"{key}_ci")
         if isinstance(ci, (list, tuple)) and len(ci) == 2 and not any(is_missing(c) for c in ci):
             text += f" [{fmt_number(ci[0], '.2f')}, {fmt_number(ci[1], '.2f')}]"
