@@ -180,6 +180,14 @@ def fmt_arrow(spec: str = ".2f") -> Formatter:
     return fmt(spec, sep=" → ")
 
 
+def _interval(values: dict, key: str) -> str:
+    """`` [lo, hi]`` from ``values[key + "_ci"]`` when that is a complete pair, else ``""``."""
+    ci = values.get(f"{key}_ci")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and not any(is_missing(c) for c in ci):
+        return f" [{fmt_number(ci[0], '.2f')}, {fmt_number(ci[1], '.2f')}]"
+    return ""
+
+
 def fmt_scalars(values: Any, spec: str = ".3f") -> str:
     """Every scalar of a dict as ``key value``, ``key_ci: [lo, hi]`` folded into its key: ``wer 0.91 [0.82, 0.99]``.
 
@@ -195,10 +203,7 @@ def fmt_scalars(values: Any, spec: str = ".3f") -> str:
         if key.endswith("_ci") or not isinstance(value, (int, float)) or is_missing(value):
             continue
         text = f"{key} {fmt_number(value, spec)}"
-        ci = values.get(f"{key}_ci")
-        if isinstance(ci, (list, tuple)) and len(ci) == 2 and not any(is_missing(c) for c in ci):
-            text += f" [{fmt_number(ci[0], '.2f')}, {fmt_number(ci[1], '.2f')}]"
-        parts.append(text)
+        parts.append(text + _interval(values, key))
     return "; ".join(parts)
 
 
@@ -222,10 +227,7 @@ def fmt_arm(values: Any) -> str:
         if not isinstance(value, (int, float)) or is_missing(value):
             continue
         text = f"{label} {fmt_number(value, '.0f' if key in ('steps', 'first_unit_after_tokens', 'e2e_capped') else '.3f')}"
-        ci = values.get(f"{key}_ci")
-        if isinstance(ci, (list, tuple)) and len(ci) == 2 and not any(is_missing(c) for c in ci):
-            text += f" [{fmt_number(ci[0], '.2f')}, {fmt_number(ci[1], '.2f')}]"
-        parts.append(text)
+        parts.append(text + _interval(values, key))
     return "; ".join(parts) if parts else fmt_scalars(values)
 
 
