@@ -124,6 +124,18 @@ def _settings(arm: Arm, steps: int, extra: dict) -> dict:
                                   **extra}))
 
 
+def _open_arm(run, preset, base_overrides, arm, stage: int, steps: int, sizes: dict, progress: bool):
+    """An arm's (arm, preset, folder, settings, cached result or None): the shared start of both trainers."""
+    arm = get_arm(arm, stage) if isinstance(arm, str) else arm
+    cfg = arm_preset(preset, base_overrides, arm, steps)
+    folder = arm_folder(run, arm)
+    settings = _settings(arm, steps, sizes)
+    cached = _cached(folder, settings)
+    if cached is not None and progress:
+        print(f"stage-{stage} arm {arm.name}: reusing {folder / 'result.json'}")
+    return arm, cfg, folder, settings, cached
+
+
 def per_item_ci(values, seed: int = 0, n_resamples: int = 1000) -> dict:
     """Mean and percentile-bootstrap 95 % interval of per-item values (accuracy 0/1, WER, ...)."""
     from .evaluate import bootstrap_ci
@@ -192,14 +204,9 @@ def train_stage1_arm(run, preset: str, base_overrides: dict | None, arm: Arm | s
     from .pretrained import load_llm
     from .session import seed_everything
 
-    arm = get_arm(arm, 1) if isinstance(arm, str) else arm
-    cfg = arm_preset(preset, base_overrides, arm, steps)
-    folder = arm_folder(run, arm)
-    settings = _settings(arm, steps, {"train": len(data.train), "same_text": len(data.same_text), "test": len(data.test)})
-    cached = _cached(folder, settings)
+    arm, cfg, folder, settings, cached = _open_arm(run, preset, base_overrides, arm, 1, steps, {
+        "train": len(data.train), "same_text": len(data.same_text), "test": len(data.test)}, progress)
     if cached is not None:
-        if progress:
-            print(f"stage-1 arm {arm.name}: reusing {folder / 'result.json'}")
         return cached
     seed_everything(cfg["seed"])
     backbone, tokenizer = load_llm(cfg["models"]["llm"])  # a fresh backbone: LoRA is injected in place
@@ -349,16 +356,11 @@ def train_stage2_arm(run, preset: str, base_overrides: dict | None, arm: Arm | s
     from .session import seed_everything
     from .train import train_loop
 
-    arm = get_arm(arm, 2) if isinstance(arm, str) else arm
-    cfg = arm_preset(preset, base_overrides, arm, steps)
-    s2 = cfg["stage2"]
-    folder = arm_folder(run, arm)
-    settings = _settings(arm, steps, {"train": len(data.items), "val": len(data.val_items), "replies": len(data.replies)})
-    cached = _cached(folder, settings)
+    arm, cfg, folder, settings, cached = _open_arm(run, preset, base_overrides, arm, 2, steps, {
+        "train": len(data.items), "val": len(data.val_items), "replies": len(data.replies)}, progress)
     if cached is not None:
-        if progress:
-            print(f"stage-2 arm {arm.name}: reusing {folder / 'result.json'}")
         return cached
+    s2 = cfg["stage2"]
     seed_everything(cfg["seed"])
     first = data.items[0]
     model = D.build_decoder(s2["decoder"], cfg, first["hidden"].shape[1], first["emotion_gt"].shape[1],
