@@ -78,8 +78,41 @@ class DecoderInputError(ValueError):
     """Inputs or targets the decoder cannot use (wrong width, ids outside a vocabulary, bad spans)."""
 
 
+class DecoderConfigBase:
+    """What the stage-2 decoder configs share: the fusion switches, their checks, the dict round trip.
+
+    Subclasses are dataclasses with ``fusion``, ``adaln``, ``dim`` and ``heads`` fields and call
+    ``check_shared`` from ``__post_init__`` with the names of their fields that must be >= 1.
+    """
+
+    def check_shared(self, positive: tuple[str, ...]) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def use_adaln(self) -> bool:
+        """Whether the norms are AdaLN (emotion-conditioned): ``adaln`` and not ``fusion="none"``."""
+        return self.adaln and self.fusion != "none"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid: {sorted(known)}")
+        return cls(**values)
+
+
 @dataclass
-class Stage2Config:
+class Stage2Config(DecoderConfigBase):
     """Everything that fixes the shapes of a stage-2 decoder; saved in its checkpoints.
 
     ``max_frames`` is the attention context in 25 Hz frames (1024 = 41 s); longer replies are
@@ -108,33 +141,11 @@ class Stage2Config:
     adaln: bool = True
 
     def __post_init__(self):
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        if self.dim % self.heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        self.check_shared(("n_units", "pitch_bins", "energy_bins", "layers", "hidden_dim", "emotion_dim"))
         if self.lookahead_tokens < 0:
             raise ValueError(f"lookahead_tokens must be >= 0, got {self.lookahead_tokens}")
         if not 1 <= self.max_token_frames <= self.max_frames:
             raise ValueError(f"max_token_frames must be in [1, max_frames = {self.max_frames}], got {self.max_token_frames}")
-        for name in ("n_units", "pitch_bins", "energy_bins", "layers", "hidden_dim", "emotion_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    @property
-    def use_adaln(self) -> bool:
-        """Whether the norms are AdaLN (emotion-conditioned): ``adaln`` and not ``fusion="none"``."""
-        return self.adaln and self.fusion != "none"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "Stage2Config":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown Stage2Config keys {unknown}; valid: {sorted(known)}")
-        return cls(**values)
 
 
 # ---------------------------------------------------------------------------------------------

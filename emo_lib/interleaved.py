@@ -44,7 +44,7 @@ decoder's own mistakes feed back into it (exposure bias) and it must also decide
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -52,14 +52,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .decoder import (FUSIONS, DecoderBase, DecoderBlock, DecoderInputError, GatedFusion, check_ids, make_norm,
+from .decoder import (DecoderBase, DecoderConfigBase, DecoderBlock, DecoderInputError, GatedFusion, check_ids, make_norm,
                       preset_values, register_decoder, sinusoidal_positions)
 
 READ, WRITE = 0, 1
 
 
 @dataclass
-class InterleavedConfig:
+class InterleavedConfig(DecoderConfigBase):
     """Everything that fixes the shapes of an ``InterleavedDecoder``; saved in its checkpoints.
 
     ``read_tokens`` (R) text tokens are read before each block of ``write_units`` (W) speech
@@ -86,35 +86,13 @@ class InterleavedConfig:
     adaln: bool = True
 
     def __post_init__(self):
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        if self.dim % self.heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
-        for name in ("read_tokens", "write_units", "max_frames", "n_units", "pitch_bins", "energy_bins", "layers",
-                     "hidden_dim", "emotion_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    @property
-    def use_adaln(self) -> bool:
-        """Whether the norms are AdaLN (emotion-conditioned): ``adaln`` and not ``fusion="none"``."""
-        return self.adaln and self.fusion != "none"
+        self.check_shared(("read_tokens", "write_units", "max_frames", "n_units", "pitch_bins", "energy_bins",
+                           "layers", "hidden_dim", "emotion_dim"))
 
     @property
     def eos(self) -> int:
         """The end-of-speech unit id: one past the k-means units."""
         return self.n_units
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "InterleavedConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown InterleavedConfig keys {unknown}; valid: {sorted(known)}")
-        return cls(**values)
 
 
 def interleaved_config_from_preset(cfg: dict, hidden_dim: int, emotion_dim: int,
