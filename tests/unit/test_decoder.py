@@ -9,26 +9,18 @@ from torch.nn import functional as F
 from emo_lib import decoder as D
 from emo_lib import train as T
 
+from tiny_models import tiny_decoder_config, tiny_speech_decoder  # tests/unit/tiny_models.py
+
 H, E = 12, 6
 
 
 def tiny_config(**overrides) -> D.Stage2Config:
-    values = dict(hidden_dim=H, emotion_dim=E, dim=16, layers=2, heads=2, n_units=10, pitch_bins=5, energy_bins=3,
-                  max_frames=64, lookahead_tokens=1, max_token_frames=8, duration_layers=1, dropout=0.0)
-    values.update(overrides)
-    return D.Stage2Config(**values)
+    return tiny_decoder_config(H, E, **overrides)
 
 
 def tiny_model(seed=0, scramble_adaln=True, **overrides) -> D.SpeechDecoder:
     """A random decoder; AdaLN weights are made non-zero so that emotion matters (they start at zero)."""
-    torch.manual_seed(seed)
-    model = D.SpeechDecoder(tiny_config(**overrides))
-    if scramble_adaln:
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, D.AdaLN):
-                    module.to_scale_shift.weight.normal_(0, 0.3)
-    return model.eval()
+    return tiny_speech_decoder(H, E, seed=seed, scramble=scramble_adaln, **overrides)
 
 
 def reply(n, seed=0):

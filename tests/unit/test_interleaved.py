@@ -9,6 +9,8 @@ from emo_lib import decoder as D
 from emo_lib import interleaved as I
 from emo_lib import train as T
 
+from tiny_models import scramble_adaln, tiny_speech_decoder  # tests/unit/tiny_models.py
+
 H, E = 12, 6
 
 
@@ -24,10 +26,8 @@ def tiny_model(seed=0, scramble=True, **overrides) -> I.InterleavedDecoder:
     torch.manual_seed(seed)
     model = I.InterleavedDecoder(tiny_config(**overrides))
     if scramble:
+        scramble_adaln(model)
         with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, D.AdaLN):
-                    module.to_scale_shift.weight.normal_(0, 0.3)
             for head in (model.unit_head, model.pitch_head, model.energy_head):
                 head.weight.mul_(3)
     return model.eval()
@@ -35,16 +35,7 @@ def tiny_model(seed=0, scramble=True, **overrides) -> I.InterleavedDecoder:
 
 def durations_model(seed=0, **overrides) -> D.SpeechDecoder:
     """A random ``SpeechDecoder`` of the same sizes (AdaLN weights non-zero), for side-by-side checks."""
-    values = dict(hidden_dim=H, emotion_dim=E, dim=16, layers=2, heads=2, n_units=10, pitch_bins=5, energy_bins=3,
-                  max_frames=64, lookahead_tokens=1, max_token_frames=8, duration_layers=1, dropout=0.0)
-    values.update(overrides)
-    torch.manual_seed(seed)
-    model = D.SpeechDecoder(D.Stage2Config(**values))
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, D.AdaLN):
-                module.to_scale_shift.weight.normal_(0, 0.3)
-    return model.eval()
+    return tiny_speech_decoder(H, E, seed=seed, **overrides)
 
 
 def reply(n, seed=0):

@@ -13,7 +13,7 @@ from emo_lib import pipeline as P
 from emo_lib import token2wav as T2W
 from emo_lib.audio import AudioError
 from emo_lib.pretrained import HiFiGANGenerator
-from tiny_models import tiny_llm  # tests/unit/tiny_models.py; the tokenizer fixture is in conftest.py
+from tiny_models import tiny_llm, tiny_speech_decoder  # tests/unit/tiny_models.py; the tokenizer fixture is in conftest.py
 
 SEMANTIC, EMOTION = 12, 6
 N_UNITS, PITCH_BINS, ENERGY_BINS = 10, 5, 3
@@ -31,20 +31,13 @@ def tiny_stage1(tokenizer, seed=0):
     return L.build_speech_llm(config, tiny_llm(tokenizer, seed), tokenizer).eval()
 
 
-def tiny_decoder(seed=0, frames_per_token=4, **overrides):
-    values = dict(hidden_dim=32, emotion_dim=EMOTION, dim=16, layers=2, heads=2, n_units=N_UNITS,
-                  pitch_bins=PITCH_BINS, energy_bins=ENERGY_BINS, max_frames=64, lookahead_tokens=1,
-                  max_token_frames=8, duration_layers=1, dropout=0.0)
-    values.update(overrides)
-    torch.manual_seed(seed)
-    model = D.SpeechDecoder(D.Stage2Config(**values))
+def tiny_decoder(seed=0, frames_per_token=4, hidden_dim=32, **overrides):
+    sizes = dict(n_units=N_UNITS, pitch_bins=PITCH_BINS, energy_bins=ENERGY_BINS)
+    model = tiny_speech_decoder(hidden_dim, EMOTION, seed=seed, **{**sizes, **overrides})
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, D.AdaLN):
-                module.to_scale_shift.weight.normal_(0, 0.3)  # emotion matters (AdaLN starts at zero)
         model.duration_predictor.out.weight.mul_(0.2)  # about `frames_per_token` frames per token
         model.duration_predictor.out.bias.fill_(math.log1p(frames_per_token))
-    return model.eval()
+    return model
 
 
 def tiny_token2mel():
