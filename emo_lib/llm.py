@@ -423,6 +423,28 @@ class SpeechLLM(nn.Module):
                 "targets": batch.targets}
 
     # -- inference -----------------------------------------------------------------------------
+    def _prefill(self, examples: list[Stage1Example]) -> dict:
+        """Run the spliced prompts (no response) through the LLM; the decoding state of ``generate``."""
+        batch = self.splice(examples, with_response=False)
+        attention = batch.attention_mask
+        position = (attention.cumsum(1) - 1).clamp_min(0)
+        out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=attention, position_ids=position, use_cache=True)
+        return {"attention": attention, "cache": out.past_key_values, "logits": out.logits[:, -1].float(),
+                "next_position": position[:, -1] + 1}
+
+    def _feed(self, state: dict, token: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,) through the KV cache; updates ``state``, returns the last hidden states (B, H)."""
+        b = len(token)
+        state["attention"] = torch.cat([state["attention"],
+                                        torch.ones(b, 1, dtype=state["attention"].dtype, device=self.device)], 1)
+        out = self.llm(inputs_embeds=self.embed_tokens(token[:, None]), attention_mask=state["attention"],
+                       position_ids=state["next_position"][:, None], past_key_values=state["cache"], use_cache=True,
+                       output_hidden_states=True)
+        state["cache"] = out.past_key_values
+        state["logits"] = out.logits[:, -1].float()
+        state["next_position"] = state["next_position"] + 1
+        return out.hidden_states[-1][:, -1].float()
+
     @torch.inference_mode()
     def generate(self, examples: list[Stage1Example], max_new_tokens: int = 40, repetition_penalty: float = 1.1) -> list[dict]:
         """Greedy replies from speech alone, with each token's hidden state and emotion vector.
@@ -433,34 +455,22 @@ class SpeechLLM(nn.Module):
         of tokens already written (CTRL's rule): a 135M model otherwise loops on phrases.
         Returns per example: ``text``, ``token_ids``, ``hidden`` (N, H) and ``emotion`` (N, E).
         """
-        batch = self.splice(examples, with_response=False)
-        attention = batch.attention_mask
-        position = (attention.cumsum(1) - 1).clamp_min(0)
-        out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=attention, position_ids=position, use_cache=True)
-        cache = out.past_key_values
-        logits = out.logits[:, -1].float()
+        state = self._prefill(examples)
         b = len(examples)
         written = [[] for _ in range(b)]
         hidden = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        next_position = position[:, -1] + 1
         for _ in range(max_new_tokens):
             for i in range(b):
-                penalize_repeats(logits[i], written[i], repetition_penalty)
-            token = logits.argmax(-1)
+                penalize_repeats(state["logits"][i], written[i], repetition_penalty)
+            token = state["logits"].argmax(-1)
             token = torch.where(done, torch.full_like(token, self.end_id), token)
             finished_now = token == self.end_id
-            attention = torch.cat([attention, torch.ones(b, 1, dtype=attention.dtype, device=self.device)], 1)
-            out = self.llm(inputs_embeds=self.embed_tokens(token[:, None]), attention_mask=attention,
-                           position_ids=next_position[:, None], past_key_values=cache, use_cache=True,
-                           output_hidden_states=True)
-            cache = out.past_key_values
-            logits = out.logits[:, -1].float()
-            next_position = next_position + 1
+            last = self._feed(state, token)
             for i in range(b):
                 if not done[i] and not finished_now[i]:
                     written[i].append(int(token[i]))
-                    hidden[i].append(out.hidden_states[-1][i, -1].float())
+                    hidden[i].append(last[i])
             done = done | finished_now
             if bool(done.all()):
                 break
@@ -495,30 +505,18 @@ class SpeechLLM(nn.Module):
         gives ``""`` and its bytes appear with the next token; the pieces concatenate to the
         decoded reply (``generate``'s ``text`` before ``strip``).
         """
-        batch = self.splice([example], with_response=False)
-        attention = batch.attention_mask
-        position = (attention.cumsum(1) - 1).clamp_min(0)
-        out = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=attention, position_ids=position, use_cache=True)
-        cache = out.past_key_values
-        logits = out.logits[:, -1].float()
-        next_position = position[:, -1] + 1
+        state = self._prefill([example])
         written: list[int] = []
         hidden: list[torch.Tensor] = []
         shown = ""  # the text handed out so far
         for _ in range(max_new_tokens):
-            penalize_repeats(logits[0], written, repetition_penalty)
-            token = logits.argmax(-1)
+            penalize_repeats(state["logits"][0], written, repetition_penalty)
+            token = state["logits"].argmax(-1)
             if int(token[0]) == self.end_id:
                 return
-            attention = torch.cat([attention, torch.ones(1, 1, dtype=attention.dtype, device=self.device)], 1)
-            out = self.llm(inputs_embeds=self.embed_tokens(token[:, None]), attention_mask=attention,
-                           position_ids=next_position[:, None], past_key_values=cache, use_cache=True,
-                           output_hidden_states=True)
-            cache = out.past_key_values
-            logits = out.logits[:, -1].float()
-            next_position = next_position + 1
+            last = self._feed(state, token)
             written.append(int(token[0]))
-            hidden.append(out.hidden_states[-1][0, -1].float())
+            hidden.append(last[0])
             h = torch.stack(hidden)[None]
             emotion = self.emotion_vectors(h, torch.ones(1, len(hidden), dtype=torch.bool, device=self.device))[0, -1]
             text = self.tokenizer.decode(written, skip_special_tokens=True)
