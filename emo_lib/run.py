@@ -70,21 +70,29 @@ def run_series(preset: str, overrides: dict, run_name: str = "", only=None, star
                 cwd=str(folder),
             )
             rows.append((nb.name, "ok", time.time() - started))
+            # after every notebook, so that a series cut short still says how long its notebooks took
+            record_run_facts(run, cfg, overrides, {nb.name: rows[-1][2]})
         except Exception as err:  # papermill wraps kernel errors in PapermillExecutionError
             rows.append((nb.name, "FAILED", time.time() - started))
             print(f"\n*** {nb.name} failed at {_failed_cell(err)}\n    executed copy: {out}", file=sys.stderr)
             status = 1
             break
     print_table(rows)
+    record_run_facts(run, cfg, overrides, {})
+    return status
+
+
+def record_run_facts(run, cfg, overrides: dict, durations_s: dict) -> None:
+    """Add the run's facts (preset, seed, overrides, versions, finish time) and notebook durations
+    (``{notebook name: seconds}``, merged into earlier ones) to ``metrics.json``, atomically."""
     metrics = read_json(run.metrics_json) if run.metrics_json.exists() else {}
     facts = metrics.get("run", {})
     durations = facts.get("notebook_durations_s", {})
-    durations.update({name: round(seconds, 1) for name, state, seconds in rows if state == "ok"})
+    durations.update({name: round(seconds, 1) for name, seconds in durations_s.items()})
     facts.update(preset=cfg.name, seed=cfg["seed"], overrides=overrides, versions=library_versions(),
                  notebook_durations_s=durations, finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     metrics["run"] = facts
     write_json_atomic(run.metrics_json, metrics)
-    return status
 
 
 def main(argv=None) -> int:
