@@ -70,13 +70,14 @@ def run_series(preset: str, overrides: dict, run_name: str = "", only=None, star
                 cwd=str(folder),
             )
             rows.append((nb.name, "ok", time.time() - started))
-            # after every notebook, so that a series cut short still says how long its notebooks took
-            record_run_facts(run, cfg, overrides, {nb.name: rows[-1][2]})
         except Exception as err:  # papermill wraps kernel errors in PapermillExecutionError
             rows.append((nb.name, "FAILED", time.time() - started))
             print(f"\n*** {nb.name} failed at {_failed_cell(err)}\n    executed copy: {out}", file=sys.stderr)
             status = 1
             break
+        # after every notebook (outside the try: a failed write is not a failed notebook), so that a series
+        # cut short still says how long its notebooks took
+        record_run_facts(run, cfg, overrides, {nb.name: rows[-1][2]})
     print_table(rows)
     record_run_facts(run, cfg, overrides, {})
     return status
