@@ -111,8 +111,9 @@ def test_shapes_loss_terms_and_config_round_trip():
         model.sample(np.array([1, 12, 3]), pitch[:3], energy[:3], spk)
 
 
-def test_padding_does_not_change_the_real_frames():
-    model = tiny_model()
+@pytest.mark.parametrize("encoder", T.ENCODERS)
+def test_padding_does_not_change_the_real_frames(encoder):
+    model = tiny_model(encoder=encoder)
     units, pitch, energy = tokens(10)
     spk = torch.randn(160)
     n = T.mel_frames_for_units(10)
@@ -124,8 +125,9 @@ def test_padding_does_not_change_the_real_frames():
     assert torch.allclose(padded[..., :n], alone, atol=1e-4)
 
 
-def test_overfitting_two_utterances_lowers_the_loss():
-    model = tiny_model(dim=48).train()
+@pytest.mark.parametrize("encoder", T.ENCODERS)
+def test_overfitting_two_utterances_lowers_the_loss(encoder):
+    model = tiny_model(dim=48, encoder=encoder).train()
     items = [utterance(30, 0), utterance(24, 1)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     history = []
@@ -141,10 +143,11 @@ def test_overfitting_two_utterances_lowers_the_loss():
     assert np.mean([h["prior"] for h in history[-5:]]) < 0.3 * np.mean([h["prior"] for h in history[:5]])
 
 
+@pytest.mark.parametrize("encoder", T.ENCODERS)
 @pytest.mark.parametrize("prior_source", [False, True])
 @pytest.mark.parametrize("solver", ["euler", "midpoint"])
-def test_streaming_chunks_equal_offline_sampling(solver, prior_source):
-    model = tiny_model(prior_source=prior_source, source_std=0.5)
+def test_streaming_chunks_equal_offline_sampling(solver, prior_source, encoder):
+    model = tiny_model(prior_source=prior_source, source_std=0.5, encoder=encoder)
     units, pitch, energy = tokens(23)  # 80 mel frames: 10 chunks of 8
     spk = torch.randn(160)
     offline = model.sample(units, pitch, energy, spk, solver=solver, generator=torch.Generator().manual_seed(3))
@@ -226,11 +229,12 @@ def test_cached_transformer_forward_equals_the_whole_sequence_forward():
 PUSH_PATTERNS = {"one_at_a_time": [1] * 23, "irregular": [0, 1, 5, 0, 2, 7, 3, 5, 0], "all_at_once": [23]}
 
 
+@pytest.mark.parametrize("encoder", T.ENCODERS)
 @pytest.mark.parametrize("prior_source", [False, True])
 @pytest.mark.parametrize("pattern", sorted(PUSH_PATTERNS))
 @pytest.mark.parametrize("solver", ["euler", "midpoint"])
-def test_streamer_equals_offline_sampling(solver, pattern, prior_source):
-    model = tiny_model(prior_source=prior_source, source_std=0.5)
+def test_streamer_equals_offline_sampling(solver, pattern, prior_source, encoder):
+    model = tiny_model(prior_source=prior_source, source_std=0.5, encoder=encoder)
     units, pitch, energy = tokens(23)  # 80 mel frames: 10 chunks of 8
     spk = torch.randn(160)
     streamer = T.Token2MelStreamer(model, spk, generator=torch.Generator().manual_seed(3), max_frames=100,
@@ -264,8 +268,9 @@ def test_streamer_emits_each_chunk_as_soon_as_its_lookahead_units_arrived():
     assert emitted_at[:3] == [3, 6, 8] and emitted_at[-2:] == [24, "finish"]  # frames 10, 18, 26 read units 2, 5, 7
 
 
-def test_stream_is_the_streamer_for_a_batch_and_matches_the_recompute_reference():
-    model = tiny_model()
+@pytest.mark.parametrize("encoder", T.ENCODERS)
+def test_stream_is_the_streamer_for_a_batch_and_matches_the_recompute_reference(encoder):
+    model = tiny_model(encoder=encoder)
     a, b = tokens(20, seed=1), tokens(20, seed=2)
     units, pitch, energy = (np.stack([x, y]) for x, y in zip(a, b))
     spk = torch.randn(2, 160)
@@ -276,6 +281,32 @@ def test_stream_is_the_streamer_for_a_batch_and_matches_the_recompute_reference(
     assert (torch.cat(chunks, dim=-1) - offline).abs().max() < 1e-4
     reference = torch.cat(list(model.stream_recompute(units, pitch, energy, spk, noise=noise)), dim=-1)
     assert (torch.cat(chunks, dim=-1) - reference).abs().max() < 1e-4
+
+
+def test_conv_encoder_is_causal_and_its_cache_continues_any_split_exactly():
+    torch.manual_seed(0)
+    encoder = T.CausalConvEncoder(dim=16, layers=3, kernel=4).eval()
+    x, cond = torch.randn(2, 30, 16), torch.randn(2, 16)
+    with torch.no_grad():
+        whole = encoder(x, cond)
+        changed = x.clone()
+        changed[:, 20:] += 5.0  # the future changes ...
+        assert torch.equal(encoder(changed, cond)[:, :20], whole[:, :20])  # ... the past does not
+        assert not torch.allclose(encoder(changed, cond)[:, 20:], whole[:, 20:])
+        for splits in ([30], [1, 1, 28], [7, 2, 0, 21], [3] * 10):
+            cache, pieces, at = encoder.new_cache(), [], 0
+            for n in splits:
+                pieces.append(encoder(x[:, at : at + n], cond, cache=cache))
+                at += n
+            assert len(cache) == 30
+            assert (torch.cat(pieces, dim=1) - whole).abs().max() < 1e-5, splits
+    with pytest.raises(T.Token2MelError, match="padding mask"):
+        encoder(x, cond, valid=torch.ones(2, 30, dtype=torch.bool), cache=encoder.new_cache())
+    with pytest.raises(T.Token2MelError, match="encoder must be one of"):
+        T.Token2MelConfig(n_units=4, pitch_bins=2, energy_bins=2, encoder="lstm")
+    # checkpoints written before the choice existed load as the Transformer encoder they are
+    legacy = {k: v for k, v in tiny_model().config.to_dict().items() if k not in ("encoder", "conv_kernel")}
+    assert T.Token2MelConfig.from_dict(legacy).encoder == "transformer"
 
 
 def test_streamer_rejects_bad_input_and_keeps_its_state():
