@@ -124,11 +124,27 @@ def _settings(arm: Arm, steps: int, extra: dict) -> dict:
                                   **extra}))
 
 
+def model_fingerprint(model) -> str:
+    """A CRC32 of a module's weights and buffers (hex): a cached arm result that was scored with
+    other frozen models (e.g. a retrained token2mel) must not be reused."""
+    import zlib
+
+    import torch
+
+    crc = 0
+    for name, tensor in sorted(model.state_dict().items()):
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), crc)
+    return f"{crc:08x}"
+
+
 def _open_arm(run, preset, base_overrides, arm, stage: int, steps: int, sizes: dict, progress: bool):
     """An arm's (arm, preset, folder, settings, cached result or None): the shared start of both trainers."""
     arm = get_arm(arm, stage) if isinstance(arm, str) else arm
     cfg = arm_preset(preset, base_overrides, arm, steps)
     folder = arm_folder(run, arm)
+    if base_overrides:  # a variant run's arms differ from the default run's (absent when empty: older results stay valid)
+        sizes = {**sizes, "base_overrides": dict(base_overrides)}
     settings = _settings(arm, steps, sizes)
     cached = _cached(folder, settings)
     if cached is not None and progress:
@@ -357,7 +373,8 @@ def train_stage2_arm(run, preset: str, base_overrides: dict | None, arm: Arm | s
     from .train import train_loop
 
     arm, cfg, folder, settings, cached = _open_arm(run, preset, base_overrides, arm, 2, steps, {
-        "train": len(data.items), "val": len(data.val_items), "replies": len(data.replies)}, progress)
+        "train": len(data.items), "val": len(data.val_items), "replies": len(data.replies),
+        "token2mel": model_fingerprint(synth["token2mel"])}, progress)
     if cached is not None:
         return cached
     s2 = cfg["stage2"]

@@ -90,6 +90,20 @@ def test_results_are_reused_only_with_the_same_settings(tmp_path):
     assert experiments._cached(folder, experiments._settings(arm, 11, {"train": 5})) is None
 
 
+def test_arm_results_depend_on_the_frozen_models_and_the_run_overrides(tmp_path):
+    import torch
+
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    assert experiments.model_fingerprint(a) == experiments.model_fingerprint(a)
+    assert experiments.model_fingerprint(a) != experiments.model_fingerprint(b)  # e.g. a retrained token2mel
+    run = RunDir("r", root=tmp_path).make()
+    plain = experiments._open_arm(run, "smoke", {}, "no_fusion", 2, 10, {"train": 5}, False)[3]
+    assert "base_overrides" not in plain  # results saved before the key existed stay valid
+    variant = experiments._open_arm(run, "smoke", {"token2mel.encoder": "conv"}, "no_fusion", 2, 10, {"train": 5},
+                                    False)[3]
+    assert variant["base_overrides"] == {"token2mel.encoder": "conv"} and variant != plain
+
+
 def test_metrics_entry_keeps_scalars_and_intervals_only():
     result = {"arm": "paper", "steps": 3, "acc": {"mean": 0.5, "ci": [0.4, 0.6], "n": 10}, "items": [1, 0], "texts": ["a"]}
     entry = experiments.metrics_entry(result)
