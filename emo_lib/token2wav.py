@@ -241,6 +241,7 @@ class Token2MelConfig:
     solver: str = "euler"  # "euler" | "midpoint"
     sigma_min: float = 1e-4  # width of the data end of the OT path
     prior_weight: float = 1.0  # weight of MSE(mu, mel) in the loss
+    detach_prior: bool = False  # the velocity network reads mu without back-propagating into the encoder
     prior_source: bool = False  # start the flow at mu + source_std * noise (Grad-TTS / PriorGrad) instead of noise
     source_std: float = 1.0  # scale of the starting noise
     n_mels: int = N_MELS
@@ -737,6 +738,8 @@ class Token2Mel(nn.Module):
         With ``cache`` (from ``self.estimator.new_cache()``) x and mu hold the frames that follow
         the cached ones, and the cache must hold the earlier frames *at the same flow time t*.
         """
+        if self.config.detach_prior:
+            mu = mu.detach()  # the encoder learns from the prior MSE alone; the flow refines what it gets
         h = self.input(torch.cat([x, mu], dim=1).transpose(1, 2))
         cond = self.time(timestep_embedding(t, self.config.dim)) + spk
         return self.to_velocity(self.estimator(h, cond, valid, cache)).transpose(1, 2)

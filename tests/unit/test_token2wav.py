@@ -283,6 +283,16 @@ def test_stream_is_the_streamer_for_a_batch_and_matches_the_recompute_reference(
     assert (torch.cat(chunks, dim=-1) - reference).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("detach_prior", [False, True])
+def test_detach_prior_keeps_the_flow_gradient_out_of_the_encoder(detach_prior):
+    model = tiny_model(detach_prior=detach_prior).train()
+    batch = T.token2mel_batch([utterance(11, 0)], 64, np.random.default_rng(0))
+    model.loss(**batch, generator=torch.Generator().manual_seed(0))["flow"].backward()
+    encoder_grad = sum(float(p.grad.abs().sum()) for p in model.encoder.parameters() if p.grad is not None)
+    assert (encoder_grad == 0.0) == detach_prior
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.estimator.parameters())
+
+
 def test_conv_encoder_is_causal_and_its_cache_continues_any_split_exactly():
     torch.manual_seed(0)
     encoder = T.CausalConvEncoder(dim=16, layers=3, kernel=4).eval()
