@@ -58,9 +58,10 @@ velocity network (``transformer``), or a stack of *causal* residual convolutions
 (``conv``, ``CausalConvEncoder``: frame t sees only frames <= t of the layer below, FiLM on the
 speaker). Both see the future only through the lookahead conv, so both stream exactly; the conv
 encoder's cache (``ConvCache``) holds the last kernel - 1 inputs of each layer instead of keys
-and values, and needs no chunk alignment. A mel frame is mostly decided by its unit and a few
-neighbours, the bias a convolution has from the start and attention must learn; with equal
-optimizer steps on 2 CPU cores the conv encoder's mean mel was much more intelligible.
+and values, and needs no chunk alignment. On the cpu preset (1 500 steps) the conv encoder was
+no more intelligible than the Transformer (README, "Notebooks 05-07"); what helped there was
+``detach_prior``: the velocity network reads mu through a stop-gradient, so the encoder is
+trained by the prior MSE alone.
 
 Rates: mel frame j covers samples from j * 256 at 22050 Hz; unit frame u covers 40 ms from
 u * 0.04 s; the unit read by mel frame j is floor(j * 256 / 22050 * 25) (clipped).
@@ -488,9 +489,8 @@ class ConvCache:
     """What a ``CausalConvEncoder`` must remember to continue a sequence: the last ``kernel - 1``
     inputs of each layer (zeros before the sequence starts, as the offline left padding)."""
 
-    def __init__(self, n_layers: int, max_frames: int | None = None):
+    def __init__(self, n_layers: int):
         self.n_layers = n_layers
-        self.max_frames = max_frames
         self.tails: list[torch.Tensor | None] = [None] * n_layers
         self.length = 0
 
@@ -508,11 +508,10 @@ class CausalConvEncoder(nn.Module):
     the encoder itself never waits for the future. LayerNorm is per frame (a norm over time would
     look ahead), and the speaker vector sets a per-layer scale and shift (FiLM).
 
-    Why a convolution for the prior mean mel: each mel frame is mostly decided by its unit and
-    the few units around it (coarticulation), which is exactly a convolution's inductive bias;
-    attention has to *learn* to look locally. On 2 CPU cores, with the same number of optimizer
-    steps, this encoder's mean mel was far more intelligible than the block-causal Transformer's
-    (README, "Notebooks 05-07").
+    Why try a convolution for the prior mean mel: each mel frame is mostly decided by its unit
+    and the few units around it (coarticulation), a convolution's inductive bias, which attention
+    has to *learn*. Measured on the cpu preset, it did not pay off: with the same steps its mean
+    mel was no more intelligible than the Transformer's (README, "Notebooks 05-07").
 
     Streaming: with a ``ConvCache`` (``new_cache``) the new frames continue the cached ones and
     give exactly the whole-sequence result, for any number of new frames (no chunk alignment).
@@ -529,8 +528,9 @@ class CausalConvEncoder(nn.Module):
         self.dropout = dropout
 
     def new_cache(self, max_frames: int | None = None) -> ConvCache:
-        """An empty ``ConvCache`` for one sequence (batch)."""
-        return ConvCache(len(self.convs), max_frames)
+        """An empty ``ConvCache`` for one sequence (batch); ``max_frames`` is accepted like
+        ``BlockCausalTransformer.new_cache`` but unused: the cache never grows."""
+        return ConvCache(len(self.convs))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, valid: torch.Tensor | None = None,
                 cache: ConvCache | None = None) -> torch.Tensor:
@@ -561,7 +561,7 @@ class CausalConvEncoder(nn.Module):
                 if tail is None:
                     tail = h.new_zeros(b, d, self.kernel - 1)
                 h = torch.cat([tail, h], dim=-1)
-                cache.tails[i] = h[..., h.shape[-1] - (self.kernel - 1):] if self.kernel > 1 else tail
+                cache.tails[i] = h[..., h.shape[-1] - (self.kernel - 1):]  # empty for kernel 1
             h = norm(conv(h).transpose(1, 2))  # (B, T, D)
             scale, shift = film(cond).chunk(2, dim=-1)
             h = h * (1 + scale[:, None, :]) + shift[:, None, :]
