@@ -482,6 +482,33 @@ def judge_scores(judge, replies: dict, intended: list, seed: int = 0, n_resample
     return out
 
 
+def reference_replies(manifest_rows: list[dict], replies_rows: list[dict]) -> list[str]:
+    """The dataset's own reply to each row of ``stage1/same_text_replies.jsonl``.
+
+    Scored by the judge, these give the **ceiling** of the judge score on that set: what a model that
+    reproduced the training data perfectly would get. A row is matched by ``pair_id`` when it has one,
+    otherwise by (sentence, query emotion, speaker) among the kept same-text test pairs; a row without
+    exactly one match raises ``ValueError``.
+    """
+    by_id = {r["pair_id"]: r for r in manifest_rows}
+    by_key: dict[tuple, list[dict]] = {}
+    for r in manifest_rows:
+        if r.get("kept", True) and r["split"] == "test" and r["source"] == "same_text":
+            by_key.setdefault((r["query_text"], r["query_emotion"], r["query_speaker"]), []).append(r)
+    out = []
+    for row in replies_rows:
+        if row.get("pair_id") in by_id:
+            out.append(by_id[row["pair_id"]]["response_text"])
+            continue
+        key = (row["sentence"], row["query emotion"], row["speaker"])
+        found = by_key.get(key, [])
+        if len(found) != 1:
+            raise ValueError(f"{len(found)} same-text test pairs match {key} in the manifest (expected one): "
+                             "rerun notebook 04 on this run's manifest")
+        out.append(found[0]["response_text"])
+    return out
+
+
 def emotional_test_replies(run, cfg, stage1, n: int, progress: bool = True) -> dict:
     """Replies of the speech model, the text-only cascade and the oracle to ``n`` emotional test queries.
 

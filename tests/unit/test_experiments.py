@@ -110,3 +110,19 @@ def test_metrics_entry_keeps_scalars_and_intervals_only():
     assert entry == {"arm": "paper", "steps": 3, "acc": 0.5, "acc_ci": [0.4, 0.6]}
     row = experiments.summary_row({**result, "origin": "paper", "what": "x"})
     assert row["acc"] == 0.5 and row["acc 95% CI"] == "0.400-0.600"
+
+
+def test_reference_replies_match_by_pair_id_or_by_sentence_emotion_speaker():
+    manifest = [
+        {"pair_id": "a", "split": "test", "source": "same_text", "kept": True, "query_text": "They called.",
+         "query_emotion": "anger", "query_speaker": "m5", "response_text": "I'm sorry."},
+        {"pair_id": "b", "split": "test", "source": "same_text", "kept": True, "query_text": "They called.",
+         "query_emotion": "happiness", "query_speaker": "m5", "response_text": "Great news!"},
+        {"pair_id": "c", "split": "train", "source": "same_text", "kept": True, "query_text": "They called.",
+         "query_emotion": "anger", "query_speaker": "m1", "response_text": "Train reply."},
+    ]
+    rows = [{"sentence": "They called.", "query emotion": "happiness", "speaker": "m5"},
+            {"pair_id": "a", "sentence": "ignored", "query emotion": "x", "speaker": "y"}]
+    assert experiments.reference_replies(manifest, rows) == ["Great news!", "I'm sorry."]
+    with pytest.raises(ValueError, match="0 same-text test pairs match"):
+        experiments.reference_replies(manifest, [{"sentence": "They called.", "query emotion": "anger", "speaker": "m1"}])
