@@ -485,8 +485,8 @@ def judge_scores(judge, replies: dict, intended: list, seed: int = 0, n_resample
 def reference_replies(manifest_rows: list[dict], replies_rows: list[dict]) -> list[str]:
     """The dataset's own reply to each row of ``stage1/same_text_replies.jsonl``.
 
-    Scored by the judge, these give the **ceiling** of the judge score on that set: what a model that
-    reproduced the training data perfectly would get. A row is matched by ``pair_id`` when it has one,
+    Scored by the judge, they give what a model that reproduced the training data perfectly would
+    get on that set (a model scores above it only by answering more stereotypically). A row is matched by ``pair_id`` when it has one,
     otherwise by (sentence, query emotion, speaker) among the kept same-text test pairs; a row without
     exactly one match raises ``ValueError``.
     """

@@ -334,7 +334,7 @@ ROWS: list[Row | DictRows] = [
         "≥ 0.25", bold=True),
     Row("04 stage 1", "same, oracle (transcript + true emotion label)",
         with_ci("04_stage1.same_text_judge_accuracy_oracle", "04_stage1.same_text_judge_ci_oracle"), fmt_ci()),
-    Row("04 stage 1", "same, the dataset's own reference replies (the ceiling: a perfect copy of the data)",
+    Row("04 stage 1", "same, the dataset's own reference replies (what a perfect copy of the data scores)",
         with_ci("04_stage1.same_text_judge_accuracy_reference", "04_stage1.same_text_judge_ci_reference"), fmt_ci()),
     Row("04 stage 1", "same-text utterances / distinct speech-model replies",
         ("04_stage1.same_text_utterances", "04_stage1.same_text_speech_replies_distinct"), fmt("d")),
