@@ -19,6 +19,8 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .paths import find_repo_root, read_jsonl, write_jsonl_atomic
 
 EMOTIONS = ("neutral", "happiness", "anger", "fear", "sadness", "disgust", "surprise")
@@ -282,6 +284,76 @@ def _mark_repeats(requests: list[dict], results: dict, max_repeats: int = 3) -> 
                 results[req["key"]] = (reply, "repeated reply", how)
 
 
+def pick_by_emotion(candidates: list[list[str]], queries: list[str], wanted: list[str], labels: list[str],
+                    probabilities, max_repeats: int = 3) -> list[tuple[int, float]]:
+    """For each request, the candidate reply that best carries the wanted emotion.
+
+    ``candidates[i]`` are cleaned replies to ``queries[i]``; ``probabilities`` is a function
+    ``texts -> (n, len(labels))`` array (a text emotion judge). A candidate is eligible when
+    ``reply_problem`` finds nothing and it has not already been picked ``max_repeats`` times (in
+    request order); among the eligible ones the highest probability of ``wanted[i]`` wins, ties
+    going to the earlier candidate. Returns ``(index, probability)`` per request, ``(-1, 0.0)``
+    when no candidate is eligible.
+    """
+    if not (len(candidates) == len(queries) == len(wanted)):
+        raise ValueError(f"{len(candidates)} candidate lists, {len(queries)} queries, {len(wanted)} wanted emotions")
+    flat = [text for texts in candidates for text in texts]
+    table = np.asarray(probabilities(flat)) if flat else np.zeros((0, len(labels)))
+    used: dict[str, int] = {}
+    picks, offset = [], 0
+    for texts, query, emotion in zip(candidates, queries, wanted):
+        column = labels.index(emotion)
+        best = (-1, 0.0)
+        for j, text in enumerate(texts):
+            p = float(table[offset + j, column])
+            if reply_problem(text, query) is None and used.get(text, 0) < max_repeats and (best[0] < 0 or p > best[1]):
+                best = (j, p)
+        if best[0] >= 0:
+            used[texts[best[0]]] = used.get(texts[best[0]], 0) + 1
+        picks.append(best)
+        offset += len(texts)
+    return picks
+
+
+def refine_same_text(path: Path, llm_source: str, samples: int = 8, batch_size: int = 24,
+                     limit: int | None = None) -> list[dict]:
+    """Re-choose the same-text replies of ``path`` (data/responses.jsonl) for how clearly they carry their emotion.
+
+    Why: on an ambiguous sentence ("They called me back about the job.") the small backbone's greedy
+    reply is often generic whatever the emotion tag, so the emotion a fitting reply must show is
+    hardly in the text (the kit's judge recognizes it in about a third of them against four fifths of
+    the domain replies). For every same-text request the greedy reply and ``samples`` sampled ones
+    compete; a judge trained on the *domain* replies only (their emotion is readable; the same-text
+    replies are what is being chosen) picks the one most likely to show the wanted reply emotion
+    (``pick_by_emotion``). Domain rows are left as they are. Rewrites ``path`` atomically and returns
+    the rows.
+    """
+    from .evaluate import EmbeddingJudge
+    from .pretrained import load_llm
+
+    rows = read_jsonl(path)
+    domain = [r for r in rows if r["source"] == "domain" and r["problem"] is None]
+    judge = EmbeddingJudge(seed=0).fit([r["response_text"] for r in domain], [r["response_emotion"] for r in domain])
+    todo = [r for r in rows if r["source"] == "same_text"][:limit]
+    model, tokenizer = load_llm(llm_source)
+    requests = [{"text": r["query_text"], "emotion": r["query_emotion"]} for r in todo]
+    candidates = [[r["response_text"]] for r in todo]  # the greedy reply competes too
+    for k in range(samples):
+        raw = generate_replies(model, tokenizer, requests, batch_size=batch_size, sample_seed=10_000 * (k + 1))
+        for texts, text in zip(candidates, raw):
+            texts.append(clean_reply(text))
+    picks = pick_by_emotion(candidates, [r["query_text"] for r in todo], [r["response_emotion"] for r in todo],
+                            list(judge.labels), judge.predict_proba)
+    for row, texts, (index, p) in zip(todo, candidates, picks):
+        if index < 0:
+            row["problem"] = "no usable candidate"
+            continue
+        row["response_text"], row["problem"] = texts[index], None
+        row["decoding"] = f"best of {len(texts)} by a domain-reply judge (p = {p:.2f}; 0 = greedy, chose {index})"
+    write_jsonl_atomic(path, rows)
+    return rows
+
+
 def load_responses(folder: Path | None = None) -> dict[str, dict]:
     """The committed responses keyed by ``response_key`` (rows with a problem are kept, flagged)."""
     path = Path(folder or data_dir()) / "responses.jsonl"
@@ -298,8 +370,22 @@ def main(argv=None) -> None:
     gen.add_argument("--out", default=str(data_dir() / "responses.jsonl"))
     gen.add_argument("--limit", type=int, default=None)
     gen.add_argument("--batch-size", type=int, default=24)
+    refine = sub.add_parser("refine-same-text", help="re-choose the same-text replies for how clearly they carry their emotion")
+    refine.add_argument("--llm", default="packaged:smollm2-135m-instruct")
+    refine.add_argument("--file", default=str(data_dir() / "responses.jsonl"))
+    refine.add_argument("--samples", type=int, default=8)
+    refine.add_argument("--limit", type=int, default=None)
+    refine.add_argument("--batch-size", type=int, default=24)
     args = parser.parse_args(argv)
     started = time.time()
+    if args.command == "refine-same-text":
+        rows = refine_same_text(Path(args.file), args.llm, samples=args.samples, batch_size=args.batch_size,
+                                limit=args.limit)
+        changed = sum(r["source"] == "same_text" and "best of" in r["decoding"] and not r["decoding"].endswith("chose 0)")
+                      for r in rows)
+        print(f"{changed} same-text replies replaced by a sampled candidate; {args.file} rewritten "
+              f"in {time.time() - started:.0f} s")
+        return
     rows = generate_response_file(Path(args.out), args.llm, limit=args.limit, batch_size=args.batch_size)
     bad = sum(r["problem"] is not None for r in rows)
     print(f"wrote {len(rows)} responses ({bad} still failing the checks) to {args.out} in {time.time() - started:.0f} s")

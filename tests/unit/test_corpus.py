@@ -74,3 +74,25 @@ def test_prompt_carries_the_emotion_label():
     assert messages[0]["role"] == "system"
     assert messages[-1] == {"role": "user", "content": "(angry) They called me back."}
     assert len(messages) == 2 + 2 * len(corpus.FEW_SHOT)
+
+
+def test_pick_by_emotion_takes_the_most_fitting_usable_candidate():
+    labels = ["happiness", "sadness"]
+    happy = {"Great news, I'm so glad for you.": 0.9, "Oh no, I'm so sorry to hear that.": 0.1,
+             "Okay, that is a thing that happened.": 0.5}
+    proba = lambda texts: [[happy.get(t, 0.5), 1 - happy.get(t, 0.5)] for t in texts]  # noqa: E731
+    candidates = [["Okay, that is a thing that happened.", "Great news, I'm so glad for you.", ""],
+                  ["Okay, that is a thing that happened.", "Oh no, I'm so sorry to hear that."],
+                  ["They called me back about the job.", "Great news, I'm so glad for you."]]
+    queries = ["They called me back about the job."] * 3
+    picks = corpus.pick_by_emotion(candidates, queries, ["happiness", "sadness", "sadness"], labels, proba)
+    assert picks[0] == (1, 0.9)            # the happiest of the usable ones ("" is unusable)
+    assert picks[1] == (1, 0.9)            # sadness: the sorry reply
+    assert picks[2] == (1, pytest.approx(0.1))  # the echo of the query is refused, whatever its score
+    # a reply already picked max_repeats times is not picked again
+    again = corpus.pick_by_emotion([["Great news, I'm so glad for you.", "Okay, that is a thing that happened."]] * 2,
+                                   queries[:2], ["happiness"] * 2, labels, proba, max_repeats=1)
+    assert again == [(0, 0.9), (1, 0.5)]
+    assert corpus.pick_by_emotion([[""]], queries[:1], ["happiness"], labels, proba) == [(-1, 0.0)]
+    with pytest.raises(ValueError):
+        corpus.pick_by_emotion([[""]], queries, ["happiness"], labels, proba)
