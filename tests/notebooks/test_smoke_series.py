@@ -74,7 +74,7 @@ def test_stage1_learns_and_is_evaluated(smoke_run):
     stage1 = json.loads((run / "metrics.json").read_text())["04_stage1"]
     assert stage1["val_ce_nats"] < stage1["val_ce_nats_before_training"] - 0.1  # 16 steps already lower held-out CE
     assert 0 < stage1["trainable_parameters"] < 0.2 * stage1["total_parameters"]
-    for system in ("speech", "cascade", "oracle"):
+    for system in ("speech", "cascade", "oracle", "reference"):
         accuracy = stage1[f"same_text_judge_accuracy_{system}"]
         low, high = stage1[f"same_text_judge_ci_{system}"]
         assert 0.0 <= low <= accuracy <= high <= 1.0
@@ -156,7 +156,7 @@ def test_evaluation_tables_and_ablations_at_equal_budget(smoke_run):
     ev = load_preset("smoke")["evaluation"]
     evaluation = json.loads((run / "metrics.json").read_text())["08_evaluation"]
     for table in ("judge_same_text", "judge_emotional_test"):
-        assert set(evaluation[table]) == {"speech model", "text-only cascade", "oracle"}
+        assert set(evaluation[table]) == {"speech model", "text-only cascade", "oracle", "dataset's reference replies"}
         for score in evaluation[table].values():
             assert score["ci"][0] <= score["mean"] <= score["ci"][1] and score["n"] > 0
     assert 1.0 <= evaluation["mos_e2e"] <= 5.0 and 1.0 <= evaluation["mos_recordings"] <= 5.0
