@@ -316,7 +316,7 @@ def pick_by_emotion(candidates: list[list[str]], queries: list[str], wanted: lis
 
 
 def refine_same_text(path: Path, llm_source: str, samples: int = 8, batch_size: int = 24,
-                     limit: int | None = None) -> list[dict]:
+                     limit: int | None = None) -> tuple[list[dict], int]:
     """Re-choose the same-text replies of ``path`` (data/responses.jsonl) for how clearly they carry their emotion.
 
     Why: on an ambiguous sentence ("They called me back about the job.") the small backbone's greedy
@@ -326,7 +326,7 @@ def refine_same_text(path: Path, llm_source: str, samples: int = 8, batch_size: 
     compete; a judge trained on the *domain* replies only (their emotion is readable; the same-text
     replies are what is being chosen) picks the one most likely to show the wanted reply emotion
     (``pick_by_emotion``). Domain rows are left as they are. Rewrites ``path`` atomically and returns
-    the rows.
+    the rows and how many same-text replies a sampled candidate replaced.
     """
     from .evaluate import EmbeddingJudge
     from .pretrained import load_llm
@@ -344,14 +344,16 @@ def refine_same_text(path: Path, llm_source: str, samples: int = 8, batch_size: 
             texts.append(clean_reply(text))
     picks = pick_by_emotion(candidates, [r["query_text"] for r in todo], [r["response_emotion"] for r in todo],
                             list(judge.labels), judge.predict_proba)
+    replaced = 0
     for row, texts, (index, p) in zip(todo, candidates, picks):
+        replaced += index > 0
         if index < 0:
             row["problem"] = "no usable candidate"
             continue
         row["response_text"], row["problem"] = texts[index], None
         row["decoding"] = f"best of {len(texts)} by a domain-reply judge (p = {p:.2f}; 0 = greedy, chose {index})"
     write_jsonl_atomic(path, rows)
-    return rows
+    return rows, replaced
 
 
 def load_responses(folder: Path | None = None) -> dict[str, dict]:
@@ -379,11 +381,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     started = time.time()
     if args.command == "refine-same-text":
-        rows = refine_same_text(Path(args.file), args.llm, samples=args.samples, batch_size=args.batch_size,
-                                limit=args.limit)
-        changed = sum(r["source"] == "same_text" and "best of" in r["decoding"] and not r["decoding"].endswith("chose 0)")
-                      for r in rows)
-        print(f"{changed} same-text replies replaced by a sampled candidate; {args.file} rewritten "
+        _, replaced = refine_same_text(Path(args.file), args.llm, samples=args.samples, batch_size=args.batch_size,
+                                       limit=args.limit)
+        print(f"{replaced} same-text replies replaced by a sampled candidate; {args.file} rewritten "
               f"in {time.time() - started:.0f} s")
         return
     rows = generate_response_file(Path(args.out), args.llm, limit=args.limit, batch_size=args.batch_size)

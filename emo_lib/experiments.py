@@ -486,9 +486,10 @@ def reference_replies(manifest_rows: list[dict], replies_rows: list[dict]) -> li
     """The dataset's own reply to each row of ``stage1/same_text_replies.jsonl``.
 
     Scored by the judge, they give what a model that reproduced the training data perfectly would
-    get on that set (a model scores above it only by answering more stereotypically). A row is matched by ``pair_id`` when it has one,
-    otherwise by (sentence, query emotion, speaker) among the kept same-text test pairs; a row without
-    exactly one match raises ``ValueError``.
+    get on that set (a model scores above it only by answering more stereotypically). A row is
+    matched by ``pair_id`` when it has one (notebook 04 writes it), otherwise by (sentence, query
+    emotion, speaker) among the kept same-text test pairs; a row without exactly one match raises
+    ``ValueError``.
     """
     by_id = {r["pair_id"]: r for r in manifest_rows}
     by_key: dict[tuple, list[dict]] = {}
