@@ -8,7 +8,10 @@ with the query AND its emotion label, so that the stage-1 targets stay in the mo
 distribution. Each response gets its own emotion label from ``RESPONSE_EMOTION`` (an angry user gets
 an apologetic, sorrowful reply; a happy one a joyful reply). They are generated once and committed
 as ``data/responses.jsonl``; runs read that file. Regenerate with
-``python -m emo_lib.corpus generate-responses``.
+``python -m emo_lib.corpus generate-responses``, then
+``python -m emo_lib.corpus refine-same-text``: the committed same-text replies are the greedy reply or
+one of 8 sampled ones, whichever a judge trained on the domain replies reads as carrying the wanted
+emotion most clearly (``refine_same_text`` says why).
 """
 from __future__ import annotations
 
