@@ -1390,6 +1390,32 @@ class Vocoder:
             yield render(state["received"], final=True)
 
 
+def vocoder_blocks(mel_chunks: Iterable, block_frames: int) -> Iterator[torch.Tensor]:
+    """Regroup streamed log-mel chunks (80, T_k) for ``Vocoder.stream``: the first alone, then >= ``block_frames``.
+
+    Each call of ``Vocoder.stream`` re-vocodes its left and held-back right context (24 frames
+    with the defaults) besides the new frames, so 24-frame chunks cost the vocoder about twice
+    offline vocoding, while 48-frame blocks cost 1.5x. The first chunk still goes out alone, so
+    the first audio is not delayed; later chunks wait until ``block_frames`` frames are there
+    (the pipeline of notebook 07 groups them by the same rule, ``synthesis.vocoder_block_frames``).
+    The last block holds whatever is left. The frames, in order, are exactly the input's.
+    """
+    if block_frames < 1:
+        raise ValueError(f"block_frames must be >= 1, got {block_frames}")
+    waiting: list[torch.Tensor] = []
+    first = True
+    for chunk in mel_chunks:
+        chunk = torch.as_tensor(np.asarray(chunk) if not torch.is_tensor(chunk) else chunk, dtype=torch.float32)
+        if chunk.shape[-1] == 0:
+            continue
+        waiting.append(chunk)
+        if first or sum(int(c.shape[-1]) for c in waiting) >= block_frames:
+            yield torch.cat(waiting, dim=-1)
+            waiting, first = [], False
+    if waiting:
+        yield torch.cat(waiting, dim=-1)
+
+
 def griffin_lim(mel, mel_cfg: MelConfig | None = None, n_iter: int = 32) -> np.ndarray:
     """A vocoder without training: log-mel (80, T) -> wav (T * hop,) float32.
 

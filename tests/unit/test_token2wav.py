@@ -431,6 +431,22 @@ def test_vocoder_wrapper_and_streaming_with_a_tiny_generator():
         T.Vocoder(HiFiGANGenerator(TINY_HIFIGAN), context_frames=1, crossfade_samples=512)
 
 
+def test_vocoder_blocks_send_the_first_chunk_alone_then_blocks_and_keep_every_frame():
+    chunks = [torch.randn(80, n) for n in (24, 24, 0, 24, 24, 24, 10)]
+    blocks = list(T.vocoder_blocks(iter(chunks), block_frames=48))
+    assert [b.shape[-1] for b in blocks] == [24, 48, 48, 10]  # first alone, then >= 48, the rest at the end
+    assert torch.equal(torch.cat(blocks, dim=-1), torch.cat(chunks, dim=-1))
+    assert [b.shape[-1] for b in T.vocoder_blocks(chunks, block_frames=1)] == [24, 24, 24, 24, 24, 10]
+    assert list(T.vocoder_blocks([], block_frames=48)) == []
+    with pytest.raises(ValueError, match="block_frames"):
+        list(T.vocoder_blocks(chunks, block_frames=0))
+    # blocks through the streaming vocoder give the same audio length as chunks do
+    vocoder = T.Vocoder(HiFiGANGenerator(TINY_HIFIGAN), context_frames=6, right_context_frames=4)
+    mel = torch.randn(80, 70) - 5
+    pieces = list(vocoder.stream(T.vocoder_blocks(mel.split(12, dim=-1), block_frames=30)))
+    assert np.concatenate(pieces).shape == (70 * 256,)
+
+
 def test_griffin_lim_returns_audio_of_the_right_length_and_pitch():
     from emo_lib.audio import hifigan_log_mel
 
