@@ -246,9 +246,24 @@ def test_streaming_summary_and_report():
         st.pick_queries(rows, 4, seed=0)
 
 
-@pytest.mark.parametrize("name", ["notebook_times", "train_throughput", "streaming"])
+@pytest.mark.parametrize("name", ["notebook_times", "train_throughput", "streaming", "vocoder_blocks"])
 def test_benchmark_help_works(name, capsys):
     module = load_benchmark(name)
     with pytest.raises(SystemExit) as done:
         module.main(["--help"])
     assert done.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+def test_vocoder_blocks_benchmark_picks_held_out_keys_and_names_a_missing_notebook(tmp_path):
+    vb = load_benchmark("vocoder_blocks")
+    (tmp_path / "data").mkdir()
+    rows = [{"pair_id": f"p{i}", "split": "test" if i < 4 else "train"} for i in range(6)]
+    (tmp_path / "data" / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lengths = {"p0_q": 100, "p0_r": 50, "p1_q": 120, "p2_r": 80, "p3_q": 300, "p4_q": 100}  # 25 Hz frames
+    tokens = {k: np.zeros((n, 3)) for k, n in lengths.items()}
+    chosen = vb.pick_keys(tmp_path, tokens, 2, seed=0)
+    assert sorted(chosen) == ["p0_q", "p1_q", "p2_r"]  # test split, 3-8 s only
+    with pytest.raises(SystemExit, match="fewer than --utterances"):
+        vb.pick_keys(tmp_path, tokens, 3, seed=0)
+    with pytest.raises(SystemExit, match="run notebook 05"):
+        vb.main(["--run", str(tmp_path)])
