@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block", type=int, default=48, help="vocoder block size in mel frames (the preset's 48)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.block < 1:
+        parser.error(f"--block must be >= 1, got {args.block}")
     run = Path(args.run)
     checkpoint = run / "checkpoints" / "token2mel" / "latest.pt"
     for needed in (checkpoint, run / "tokens" / "tokens.npy", run / "tokens" / "mels.npy"):
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     for block, results in rows.items():
         rtf = [r["rtf"] for r in results]
         first = [r["first_audio_s"] for r in results]
-        table.append([f"chunk by chunk (24 frames)" if block == 0 else f"first chunk, then blocks of >= {block}",
+        chunk = token2mel.config.chunk_frames
+        table.append([f"chunk by chunk ({chunk} frames)" if block == 0 else f"first chunk, then blocks of >= {block}",
                       f"{np.mean(rtf):.2f} / {np.max(rtf):.2f}", f"{np.mean(first):.2f} / {np.max(first):.2f}"])
     ratio = np.mean([r["rtf"] for r in rows[0]]) / np.mean([r["rtf"] for r in rows[args.block]])
     audio = np.mean([r["audio_s"] for r in rows[0]])
