@@ -454,7 +454,8 @@ class EmotionOmni:
         backbone, tokenizer = pretrained.load_llm(cfg["models"]["llm"], device="cpu")
         stage1 = llm.load_stage1(run.checkpoint_dir("stage1") / "latest.pt", device, backbone, tokenizer)
         decoder = stage2.load_decoder(run.checkpoint_dir("stage2") / "latest.pt", device)
-        token2mel = token2wav.load_token2mel(run.checkpoint_dir("token2mel") / "latest.pt", device)
+        token2mel = token2wav.load_token2mel(run.checkpoint_dir("token2mel") / "latest.pt", device,
+                                             temperature=cfg["token2mel"].get("temperature"))
         context = cfg["token2mel"]["vocoder_context_frames"]
         vocoder = token2wav.Vocoder.from_source(cfg["models"]["vocoder"], context_frames=context,
                                                 right_context_frames=context)

@@ -63,6 +63,14 @@ no more intelligible than the Transformer (README, "Notebooks 05-07"); what help
 ``detach_prior``: the velocity network reads mu through a stop-gradient, so the encoder is
 trained by the prior MSE alone.
 
+**Sampling temperature** (``Token2MelConfig.temperature``, as in Grad-TTS and Matcha-TTS):
+with ``prior_source`` training starts the flow at x0 = mu + source_std * noise; synthesis
+starts it at mu + temperature * source_std * noise. Temperature 1 samples what was trained;
+below 1 the flow starts nearer mu and its output stays nearer the mean of what it learned,
+trading variety for clarity; 0 makes synthesis a deterministic ODE from mu. It is a sampling
+setting only: ``load_token2mel(..., temperature=)`` changes it without retraining, and a
+resumed training run may change it.
+
 Rates: mel frame j covers samples from j * 256 at 22050 Hz; unit frame u covers 40 ms from
 u * 0.04 s; the unit read by mel frame j is floor(j * 256 / 22050 * 25) (clipped).
 """
@@ -245,6 +253,7 @@ class Token2MelConfig:
     detach_prior: bool = False  # the velocity network reads mu without back-propagating into the encoder
     prior_source: bool = False  # start the flow at mu + source_std * noise (Grad-TTS / PriorGrad) instead of noise
     source_std: float = 1.0  # scale of the starting noise
+    temperature: float = 1.0  # sampling only: x0 = mu + temperature * source_std * noise (training: temperature 1)
     n_mels: int = N_MELS
     speaker_dim: int = SPEAKER_DIM
 
@@ -261,6 +270,8 @@ class Token2MelConfig:
             raise Token2MelError(f"Token2MelConfig.conv_kernel must be >= 1, got {self.conv_kernel}")
         if self.solver not in SOLVERS:
             raise Token2MelError(f"Token2MelConfig.solver must be one of {SOLVERS}, got {self.solver!r}")
+        if not 0.0 <= float(self.temperature) <= 2.0:
+            raise Token2MelError(f"Token2MelConfig.temperature must be in [0, 2], got {self.temperature}")
         if self.dim % self.heads or (self.dim // self.heads) % 2:
             raise Token2MelError(f"dim {self.dim} must split into {self.heads} heads of even width (rotary positions)")
 
@@ -277,6 +288,7 @@ class Token2MelConfig:
 
 
 SOLVERS = ("euler", "midpoint")
+SAMPLING_ONLY = ("temperature",)  # config keys that change synthesis, not training: resuming may change them
 ENCODERS = ("transformer", "conv")
 
 
@@ -778,7 +790,7 @@ class Token2Mel(nn.Module):
         return {"loss": flow + c.prior_weight * prior, "flow": flow, "prior": prior}
 
     # -- sampling ----------------------------------------------------------------------------------
-    def source(self, noise: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    def source(self, noise: torch.Tensor, mu: torch.Tensor, sampling: bool = False) -> torch.Tensor:
         """The flow's starting point x0 from standard noise (normalised mel space).
 
         Plain flow matching starts at x0 = noise ~ N(0, I). With ``prior_source`` it starts at
@@ -788,9 +800,14 @@ class Token2Mel(nn.Module):
         trained flow (the cpu preset trains for minutes) already improves on mu instead of
         having to carry pure noise all the way to speech. ``mu`` is detached: the prior is
         trained by its own MSE only. ``noise`` covers the last frames of ``mu``.
+
+        ``sampling=True`` (synthesis, not training) scales the noise by ``config.temperature``, the
+        sampling temperature of Grad-TTS and Matcha-TTS: below 1 the samples stay closer to the
+        mean of what the flow learned, trading variety for clarity; 0 makes synthesis a
+        deterministic ODE from mu.
         """
         c = self.config
-        x0 = c.source_std * noise
+        x0 = c.source_std * (float(c.temperature) if sampling else 1.0) * noise
         if c.prior_source:
             x0 = x0 + mu[..., mu.shape[-1] - noise.shape[-1]:].detach()
         return x0
@@ -814,7 +831,7 @@ class Token2Mel(nn.Module):
             inputs.append(x)
             return self.velocity(full, torch.full((b,), t, device=x.device), mu, spk, valid)[..., n_past:]
 
-        return integrate(self.source(x0, mu), v, steps, solver), inputs
+        return integrate(self.source(x0, mu, sampling=True), v, steps, solver), inputs
 
     def _prepare(self, units, spk_ref, unit_lengths=None):
         units = _as_batch(units, "units", torch.long)
@@ -1122,7 +1139,8 @@ class Token2MelStreamer:
         def v(x: torch.Tensor, t: float, j: int) -> torch.Tensor:
             return m.velocity(x, torch.full((b,), t, device=x.device), mu, self.spk, cache=self._velocity_caches[j])
 
-        return m.denormalize(integrate(m.source(self.noise[..., start:stop], mu), v, self.steps, self.solver))
+        return m.denormalize(integrate(m.source(self.noise[..., start:stop], mu, sampling=True), v, self.steps,
+                                       self.solver))
 
 
 def mel_statistics(mels: Iterable) -> tuple[np.ndarray, np.ndarray]:
@@ -1256,7 +1274,7 @@ def check_checkpoint(payload: dict, config: Token2MelConfig, path) -> None:
     if payload.get("kind") != TOKEN2MEL_CHECKPOINT_KIND:
         raise CheckpointError(f"{path} is not a token2mel checkpoint; delete it or pick another run name")
     saved, wanted = payload.get("config", {}), config.to_dict()
-    changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+    changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v and k not in SAMPLING_ONLY}
     if changed:
         details = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items())
         raise CheckpointError(f"{path} was trained with another token2mel configuration ({details}); "
@@ -1268,17 +1286,22 @@ def save_token2mel(path: str | Path, model: Token2Mel, history: dict | None = No
     return save_checkpoint(path, checkpoint_payload(model, {"history": history} if history is not None else None))
 
 
-def load_token2mel(path: str | Path, device: str = "cpu") -> Token2Mel:
+def load_token2mel(path: str | Path, device: str = "cpu", temperature: float | None = None) -> Token2Mel:
     """A ``Token2Mel`` from ``save_token2mel`` or from train_loop's ``latest.pt`` (eval mode).
 
-    A missing file names notebooks/05_tokens.ipynb, which makes it; a file of another kind or
-    whose weights do not fit its config raises ``CheckpointError``.
+    ``temperature`` (the preset's ``token2mel.temperature``) replaces the saved sampling
+    temperature: it changes synthesis only, not the weights. A missing file names
+    notebooks/05_tokens.ipynb, which makes it; a file of another kind or whose weights do not
+    fit its config raises ``CheckpointError``.
     """
     payload = load_checkpoint(path, TOKENS_NOTEBOOK)
     if payload.get("kind") != TOKEN2MEL_CHECKPOINT_KIND or "config" not in payload or "state" not in payload:
         raise CheckpointError(f"{path} is not a token2mel checkpoint; run {TOKENS_NOTEBOOK} to make one.")
     try:
-        model = Token2Mel(Token2MelConfig.from_dict(payload["config"]))
+        values = dict(payload["config"])
+        if temperature is not None:
+            values["temperature"] = float(temperature)
+        model = Token2Mel(Token2MelConfig.from_dict(values))
         model.load_trainable_state(payload["state"])
     except (Token2MelError, RuntimeError) as err:
         raise CheckpointError(f"{path}: {err}; run {TOKENS_NOTEBOOK} again.") from err

@@ -293,9 +293,11 @@ def test_from_run_loads_the_checkpoints_of_a_run(tokenizer, tmp_path, monkeypatc
 
     monkeypatch.setattr(encoders, "whisper_encoder_frames", fake_whisper_frames)
     cfg = {"seed": 3, "models": {"llm": "tiny", "vocoder": "tiny", "whisper": "tiny"}, "stage1": {"max_new_tokens": 4},
-           "token2mel": {"vocoder_context_frames": 12, "reference_min_s": 1.0}, "synthesis": {"voice": ""}}
+           "token2mel": {"vocoder_context_frames": 12, "reference_min_s": 1.0, "temperature": 0.25},
+           "synthesis": {"voice": ""}}
     omni = P.EmotionOmni.from_run(run, cfg, voice=np.full(160, -5.0, np.float32), max_reply_s=5.0)
     assert (omni.max_new_tokens, omni.noise_seed, omni.vocoder.right_context_frames) == (4, 3, 12)
+    assert omni.token2mel.config.temperature == 0.25  # the preset's sampling temperature, not the checkpoint's
     example = omni.listen(query(1.0), 16000)
     assert seen["whisper"] == ("whisper-encoder", "processor", [16000])
     assert example.emotion.shape == (50, EMOTION)  # the run's (tiny) emotion encoder

@@ -560,3 +560,63 @@ def test_a_prior_centred_flow_starts_at_the_prior_mean():
         mu = model.normalize(model.prior(units, pitch, energy, spk))
         expected = model.denormalize(0.3 * noise + (mu if prior_source else 0.0))
         assert (mel - expected).abs().max() < 1e-4
+
+
+def test_sampling_temperature_scales_the_starting_noise_and_not_the_training_loss():
+    """Synthesis starts at mu + temperature * source_std * noise; training always at temperature 1."""
+    units, pitch, energy = tokens(23)
+    spk = torch.randn(160)
+    noise = torch.randn(1, 80, T.mel_frames_for_units(23), generator=torch.Generator().manual_seed(0))
+    for temperature in (0.0, 0.5, 1.0):
+        model = tiny_model(prior_source=True, source_std=0.3, temperature=temperature)
+        with torch.no_grad():
+            model.to_velocity.weight.zero_()
+            model.to_velocity.bias.zero_()
+        mel = model.sample(units, pitch, energy, spk, noise=noise)
+        mu = model.normalize(model.prior(units, pitch, energy, spk))
+        assert (mel - model.denormalize(mu + temperature * 0.3 * noise)).abs().max() < 1e-4
+    cold = tiny_model(prior_source=True, source_std=0.3, temperature=0.0)  # trained weights untouched here
+    other = torch.randn(noise.shape, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(cold.sample(units, pitch, energy, spk, noise=noise),
+                          cold.sample(units, pitch, energy, spk, noise=other), atol=1e-5)  # deterministic ODE
+    item = utterance(30, 0)
+    batch = T.token2mel_batch([item], crop_frames=64, rng=np.random.default_rng(0))
+    losses = []
+    for temperature in (0.0, 1.0):
+        model = tiny_model(prior_source=True, source_std=0.3, temperature=temperature)
+        model.set_mel_stats(np.full(80, -4.0), np.full(80, 2.0))
+        out = model.loss(**batch, generator=torch.Generator().manual_seed(5))
+        losses.append(out["loss"].item())
+    assert losses[0] == losses[1]
+    with pytest.raises(T.Token2MelError, match="temperature"):
+        tiny_model(temperature=-0.5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.4])
+def test_streaming_at_a_lower_temperature_still_equals_offline(temperature):
+    model = tiny_model(prior_source=True, source_std=0.5, temperature=temperature)
+    units, pitch, energy = tokens(23)
+    spk = torch.randn(160)
+    streamer = T.Token2MelStreamer(model, spk, generator=torch.Generator().manual_seed(3), max_frames=100)
+    chunks = streamer.push(units, pitch, energy) + streamer.finish()
+    offline = model.sample(units, pitch, energy, spk, noise=streamer.noise[..., :80])
+    assert (torch.cat(chunks, dim=-1) - offline[0]).abs().max() < 1e-4
+
+
+def test_temperature_is_a_sampling_setting_a_checkpoint_does_not_pin(tmp_path):
+    model = tiny_model(prior_source=True, source_std=0.5)
+    model.set_mel_stats(np.full(80, -4.0), np.full(80, 2.0))
+    path = T.save_token2mel(tmp_path / "t2m.pt", model)
+    T.check_checkpoint(T.checkpoint_payload(model), T.Token2MelConfig(**{**model.config.to_dict(), "temperature": 0.0}),
+                       path)  # resuming with another temperature: accepted
+    assert T.load_token2mel(path).config.temperature == 1.0
+    cold = T.load_token2mel(path, temperature=0.0)
+    assert cold.config.temperature == 0.0
+    units, pitch, energy = tokens(9)
+    spk = torch.randn(160)
+    noise = torch.randn(1, 80, T.mel_frames_for_units(9), generator=torch.Generator().manual_seed(2))
+    warm = model.sample(units, pitch, energy, spk, noise=noise)
+    assert not torch.allclose(cold.sample(units, pitch, energy, spk, noise=noise), warm)
+    saved = dict(T.checkpoint_payload(model)["config"])
+    saved.pop("temperature")  # a checkpoint from before the setting existed loads at temperature 1
+    assert T.Token2MelConfig.from_dict(saved).temperature == 1.0
