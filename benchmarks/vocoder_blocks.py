@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -49,17 +48,9 @@ def pick_keys(run: Path, tokens: FrameStore, count: int, seed: int) -> list[str]
 
 def stream(token2mel, vocoder, frames: torch.Tensor, ref: torch.Tensor, noise: torch.Tensor, block: int) -> dict:
     """One streamed utterance; ``block`` 0 = every mel chunk vocoded on its own."""
-    started = time.perf_counter()
-    first, pieces = None, []
-    with torch.inference_mode():
-        chunks = (c[0] for c in token2mel.stream(frames[:, 0], frames[:, 1], frames[:, 2], ref, noise=noise))
-        for piece in vocoder.stream(chunks if block == 0 else T2W.vocoder_blocks(chunks, block)):
-            if first is None and len(piece):
-                first = time.perf_counter() - started
-            pieces.append(piece)
-    seconds = time.perf_counter() - started
-    audio_s = sum(len(p) for p in pieces) / T2W.SAMPLE_RATE
-    return {"rtf": seconds / audio_s, "first_audio_s": first, "audio_s": audio_s}
+    out = T2W.stream_speech(token2mel, vocoder, frames[:, 0], frames[:, 1], frames[:, 2], ref, noise=noise,
+                            block_frames=block)
+    return {"rtf": out.real_time_factor, "first_audio_s": out.first_audio_s, "audio_s": len(out.audio) / T2W.SAMPLE_RATE}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,6 +77,7 @@ u * 0.04 s; the unit read by mel frame j is floor(j * 256 / 22050 * 25) (clipped
 from __future__ import annotations
 
 import math
+import time
 import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -1437,6 +1438,52 @@ def vocoder_blocks(mel_chunks: Iterable, block_frames: int) -> Iterator[torch.Te
             waiting, first = [], False
     if waiting:
         yield torch.cat(waiting, dim=-1)
+
+
+@dataclass
+class StreamedSpeech:
+    """One utterance streamed by ``stream_speech``: what came out and how fast."""
+
+    mel: torch.Tensor  # (80, T) the streamed mel chunks, concatenated
+    audio: np.ndarray  # the streamed audio pieces, concatenated (22.05 kHz)
+    chunks: int  # mel chunks token2mel emitted
+    first_audio_s: float | None  # seconds from the start until the first audio sample was ready
+    seconds: float  # wall time of the whole utterance
+
+    @property
+    def real_time_factor(self) -> float:
+        """Compute time / audio time: below 1, the audio is produced faster than it plays."""
+        return self.seconds / max(len(self.audio) / SAMPLE_RATE, 1e-9)
+
+
+def stream_speech(token2mel: "Token2Mel", vocoder: Vocoder, units, pitch, energy, spk_ref,
+                  noise: torch.Tensor | None = None, block_frames: int = 0) -> StreamedSpeech:
+    """Stream one utterance's tokens through token2mel and the vocoder, and time it.
+
+    token2mel emits mel chunks (``Token2Mel.stream``); with ``block_frames`` > 0 they reach the
+    vocoder as ``vocoder_blocks`` groups them (the first chunk alone, then blocks of at least
+    ``block_frames``), with 0 one by one. The clock starts before the first token2mel call, so
+    ``first_audio_s`` is the latency a listener would wait. Call it once untimed first if the
+    cost of a first call (allocation, kernel selection) should not count.
+    """
+    chunks: list[torch.Tensor] = []
+
+    def remember(mel_chunks):
+        for chunk in mel_chunks:
+            chunks.append(chunk)
+            yield chunk
+
+    started = time.perf_counter()
+    first, pieces = None, []
+    with torch.inference_mode():
+        mel_chunks = remember(c[0] for c in token2mel.stream(units, pitch, energy, spk_ref, noise=noise))
+        for piece in vocoder.stream(vocoder_blocks(mel_chunks, block_frames) if block_frames > 0 else mel_chunks):
+            if first is None and len(piece):
+                first = time.perf_counter() - started
+            pieces.append(piece)
+    seconds = time.perf_counter() - started
+    audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+    return StreamedSpeech(torch.cat(chunks, dim=-1), audio, len(chunks), first, seconds)
 
 
 def griffin_lim(mel, mel_cfg: MelConfig | None = None, n_iter: int = 32) -> np.ndarray:

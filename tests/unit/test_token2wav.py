@@ -620,3 +620,24 @@ def test_temperature_is_a_sampling_setting_a_checkpoint_does_not_pin(tmp_path):
     saved = dict(T.checkpoint_payload(model)["config"])
     saved.pop("temperature")  # a checkpoint from before the setting existed loads at temperature 1
     assert T.Token2MelConfig.from_dict(saved).temperature == 1.0
+
+
+def test_stream_speech_streams_the_offline_mel_and_times_the_first_audio():
+    model = tiny_model(prior_source=True, source_std=0.5)  # chunk 8
+    torch.manual_seed(1)
+    vocoder = T.Vocoder(HiFiGANGenerator(TINY_HIFIGAN), context_frames=6, right_context_frames=4)
+    units, pitch, energy = tokens(23)  # 80 mel frames: 10 chunks of 8
+    spk = torch.randn(160)
+    noise = torch.randn(1, 80, 80, generator=torch.Generator().manual_seed(4))
+    offline = model.sample(units, pitch, energy, spk, noise=noise)[0]
+    by_chunk = T.stream_speech(model, vocoder, units, pitch, energy, spk, noise=noise)
+    blocked = T.stream_speech(model, vocoder, units, pitch, energy, spk, noise=noise, block_frames=24)
+    for out in (by_chunk, blocked):
+        assert out.chunks == 10 and (out.mel - offline).abs().max() < 1e-4
+        assert out.audio.shape == (80 * 256,)
+        assert 0 < out.first_audio_s <= out.seconds
+        assert out.real_time_factor == pytest.approx(out.seconds / (80 * 256 / 22050))
+    reference = vocoder(offline)
+    rms = lambda x: float(np.sqrt(np.mean(x**2)))
+    errors = [rms(out.audio - reference) / rms(reference) for out in (by_chunk, blocked)]
+    assert errors[1] <= errors[0] < 1e-3  # fewer seams in blocks; both close to offline vocoding
