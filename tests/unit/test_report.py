@@ -1,4 +1,5 @@
 """emo_lib.report (the README's results table) and the pure parts of the benchmark scripts."""
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -246,7 +247,8 @@ def test_streaming_summary_and_report():
         st.pick_queries(rows, 4, seed=0)
 
 
-@pytest.mark.parametrize("name", ["notebook_times", "train_throughput", "streaming", "vocoder_blocks"])
+@pytest.mark.parametrize("name", ["notebook_times", "train_throughput", "streaming", "vocoder_blocks",
+                                  "token2mel_temperature"])
 def test_benchmark_help_works(name, capsys):
     module = load_benchmark(name)
     with pytest.raises(SystemExit) as done:
@@ -267,3 +269,25 @@ def test_vocoder_blocks_benchmark_picks_held_out_keys_and_names_a_missing_notebo
         vb.pick_keys(tmp_path, tokens, 3, seed=0)
     with pytest.raises(SystemExit, match="run notebook 05"):
         vb.main(["--run", str(tmp_path)])
+
+
+def test_token2mel_temperature_benchmark_chooses_like_notebook_05_and_checks_its_settings(tmp_path):
+    tt = load_benchmark("token2mel_temperature")
+    assert tt.parse_setting("0.5:10") == (0.5, 10) and tt.parse_setting("0:0") == (0.0, 0)
+    for bad in ("0.5", "3:10", "0.5:-1", "a:b"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            tt.parse_setting(bad)
+    (tmp_path / "data").mkdir()
+    rows = [{"pair_id": f"p{i}", "split": "test" if i < 3 else "val", "query_text": f"q{i}", "response_text": f"r{i}",
+             "query_emotion": "anger", "response_emotion": "neutral", "query_speaker": "m5", "response_speaker": "f5"}
+            for i in range(5)]
+    (tmp_path / "data" / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokens = {k: np.zeros((n, 3)) for k, n in {"p0_q": 100, "p0_r": 250, "p1_q": 120, "p2_r": 80, "p3_q": 90}.items()}
+    everyone = tt.manifest_utterances(tmp_path, tokens)
+    assert [u["key"] for u in everyone] == ["p0_q", "p0_r", "p1_q", "p2_r", "p3_q"]
+    assert everyone[1]["text"] == "r0" and everyone[1]["speaker"] == "f5"
+    references = {"p0_q": "p1_q", "p0_r": "p2_r", "p1_q": "p0_q", "p3_q": "p0_q"}  # p2_r has none
+    chosen = tt.choose(everyone, references, tokens, "test", 5, seed=0)
+    assert [u["key"] for u in chosen] == ["p0_q", "p1_q"]  # p0_r is over 8 s, p2_r has no reference
+    with pytest.raises(SystemExit, match="run notebooks 01, 02 and 05"):
+        tt.main(["--run", str(tmp_path)])
