@@ -291,3 +291,13 @@ def test_token2mel_temperature_benchmark_chooses_like_notebook_05_and_checks_its
     assert [u["key"] for u in chosen] == ["p0_q", "p1_q"]  # p0_r is over 8 s, p2_r has no reference
     with pytest.raises(SystemExit, match="run notebooks 01, 02 and 05"):
         tt.main(["--run", str(tmp_path)])
+
+
+def test_notebook_05_streaming_rows_put_an_old_single_measurement_in_the_cold_row():
+    old = {"05_tokens": {"stream_first_audio_s": 1.3, "stream_real_time_factor": 1.31}}
+    new = {"05_tokens": {"stream_utterances": 3, "stream_first_audio_s": 0.5, "stream_real_time_factor": 0.8,
+                         "stream_cold_first_audio_s": 1.2, "stream_cold_real_time_factor": 1.4}}
+    assert R.streaming_05(old, cold=True) == (1.3, 1.31)
+    assert all(R.is_missing(v) for v in R.streaming_05(old, cold=False))
+    assert R.streaming_05(new, cold=False) == (0.5, 0.8) and R.streaming_05(new, cold=True) == (1.2, 1.4)
+    assert all(R.is_missing(v) for v in R.streaming_05({}, cold=True))
