@@ -252,13 +252,15 @@ def build_stage1(run, cfg, device):
 def build_stage2(run, cfg, device):
     import torch
 
-    from emo_lib import data
+    from emo_lib import data, pipeline
     from emo_lib import decoder as D
     from emo_lib.store import FrameStore
 
     s2 = cfg["stage2"]
     rows = data.load_manifest(run)
-    items, _ = D.load_stage2_items(run, rows, ("train",), s2["max_frames"])
+    voices = pipeline.run_voices(run, [r["response_speaker"] for r in rows if r["split"] == "train"],
+                                 cfg["token2mel"]["reference_min_s"])
+    items, _ = D.load_stage2_items(run, rows, ("train",), s2["max_frames"], voices)
     if not items:
         raise SystemExit(f"run {run.name} has no stage-2 training items; run notebook 06 first")
     meta = FrameStore(run.require(run.root / "tokens" / "tokens.npy", "speech_tokens")).index["meta"]

@@ -45,6 +45,17 @@ at test time stage 1's prediction is not. ``emotion_mix`` feeds
 to ``end_alpha`` (learn to cope with the predicted ones) over training ("linear"), or fixed
 (the public code's 30/70 mix is ``alpha = 0.7``).
 
+**The voice.** The paper's speech tokens (CosyVoice 2's) carry no pitch, so its decoder needs
+no speaker. The kit's tokens do: pitch tokens are absolute F0 bins, and the training replies
+are spoken by eight voices, men and women, an octave apart. A decoder that does not know the
+voice can only guess between a man's and a woman's pitch for every frame, and the emotion's
+pitch movements drown in that guess. With ``speaker_dim > 0`` (preset ``stage2.speaker``) the
+decoder also reads the reply voice's speaker reference (``token2wav.speaker_reference``, the
+same 160 numbers token2mel reads): layer-normalised, passed through a small MLP and added to
+every token vector, so the durations and the frames both know whose voice they plan for. In
+training the reference is a neutral utterance of the reply's speaker (``pipeline.run_voices``),
+at inference the reply voice's.
+
 **Decoder variants.** ``SpeechDecoder`` (registry name ``"durations"``) is the kit's default.
 ``emo_lib.interleaved.InterleavedDecoder`` (``"interleaved"``) is the OpenS2S-style alternative:
 it reads R hidden states, writes W units, autoregressively, and learns the alignment itself.
@@ -72,6 +83,7 @@ STAGE2_NOTEBOOK = "06_stage2.ipynb"
 STAGE2_CHECKPOINT_KIND = "stage2"
 FUSIONS = ("gate", "hidden_only", "none")
 DEFAULT_DECODER = "durations"
+SPEAKER_DIM = 160  # token2wav.speaker_reference: mean and std of each of the 80 mel bins
 
 
 class DecoderInputError(ValueError):
@@ -119,7 +131,8 @@ class Stage2Config(DecoderConfigBase):
     decoded in windows. ``max_token_frames`` clips the within-token position and caps a
     predicted duration. ``fusion="hidden_only"`` (no gate, ``x = h``) and ``adaln=False``
     (plain LayerNorm, emotion ignored) are the ablation switches; ``fusion="none"`` is both at
-    once (``use_adaln`` is then False whatever ``adaln`` says).
+    once (``use_adaln`` is then False whatever ``adaln`` says). ``speaker_dim`` > 0 adds the
+    reply voice's speaker reference as an input (0: no voice input, the decoder guesses it).
     """
 
     hidden_dim: int = 576
@@ -139,9 +152,12 @@ class Stage2Config(DecoderConfigBase):
     prosody_weight: float = 1.0
     fusion: str = "gate"
     adaln: bool = True
+    speaker_dim: int = 0
 
     def __post_init__(self):
         self.check_shared(("n_units", "pitch_bins", "energy_bins", "layers", "hidden_dim", "emotion_dim"))
+        if self.speaker_dim < 0:
+            raise ValueError(f"speaker_dim must be >= 0 (0: no voice input), got {self.speaker_dim}")
         if self.lookahead_tokens < 0:
             raise ValueError(f"lookahead_tokens must be >= 0, got {self.lookahead_tokens}")
         if not 1 <= self.max_token_frames <= self.max_frames:
@@ -386,11 +402,13 @@ def preset_values(cfg: dict, keys: Iterable[str], kmeans_meta: dict | None = Non
 
 def config_from_preset(cfg: dict, hidden_dim: int, emotion_dim: int, kmeans_meta: dict) -> Stage2Config:
     """``SpeechDecoder``'s config from a preset: ``cfg["stage2"]``'s ``dim``, ``layers``, ``heads``,
-    ``max_frames``, ``lookahead_tokens``, ``fusion``, ``adaln``; the vocabularies from
+    ``max_frames``, ``lookahead_tokens``, ``fusion``, ``adaln``, ``speaker`` (true: ``speaker_dim`` =
+    the 160 numbers of ``token2wav.speaker_reference``); the vocabularies from
     ``kmeans_meta`` (``tokens/tokens.npy``'s meta); the widths from stage 1's states."""
-    values = preset_values(cfg, ("dim", "layers", "heads", "max_frames", "lookahead_tokens", "fusion", "adaln"),
-                           kmeans_meta)
-    return Stage2Config(hidden_dim=int(hidden_dim), emotion_dim=int(emotion_dim), **values)
+    values = preset_values(cfg, ("dim", "layers", "heads", "max_frames", "lookahead_tokens", "fusion", "adaln",
+                                 "speaker"), kmeans_meta)
+    speaker_dim = SPEAKER_DIM if values.pop("speaker") else 0
+    return Stage2Config(hidden_dim=int(hidden_dim), emotion_dim=int(emotion_dim), speaker_dim=speaker_dim, **values)
 
 
 def build_decoder(name: str, cfg: dict, hidden_dim: int, emotion_dim: int, kmeans_meta: dict) -> nn.Module:
@@ -515,11 +533,34 @@ class SpeechDecoder(DecoderBase):
         self.unit_head = nn.Linear(c.dim, c.n_units)
         self.pitch_head = nn.Linear(c.dim, c.pitch_bins)
         self.energy_head = nn.Linear(c.dim, c.energy_bins)
+        self.speaker_proj = (nn.Sequential(nn.LayerNorm(c.speaker_dim), nn.Linear(c.speaker_dim, c.dim), nn.SiLU(),
+                                           nn.Linear(c.dim, c.dim)) if c.speaker_dim else None)
         self._register_emotion_stats(c.emotion_dim)
 
     @classmethod
     def config_from_preset(cls, cfg: dict, hidden_dim: int, emotion_dim: int, kmeans_meta: dict) -> Stage2Config:
         return config_from_preset(cfg, hidden_dim, emotion_dim, kmeans_meta)
+
+    def speaker_input(self, speaker, batch: int) -> torch.Tensor | None:
+        """The voice reference as (batch, speaker_dim) on the model's device; None for a decoder without one.
+
+        ``speaker``: (S,) for every row, or (batch, S). A decoder with ``speaker_dim > 0`` refuses
+        ``None``: it was trained to plan pitch for a given voice.
+        """
+        s = self.config.speaker_dim
+        if not s:
+            return None
+        if speaker is None:
+            raise DecoderInputError(
+                f"this decoder plans pitch for a given voice (speaker_dim = {s}, preset stage2.speaker): pass "
+                "speaker=, the reply voice's reference (token2wav.speaker_reference, pipeline.run_voice)")
+        v = torch.as_tensor(np.asarray(speaker, dtype=np.float32) if not torch.is_tensor(speaker) else speaker)
+        v = v.to(self.device, torch.float32)
+        if v.dim() == 1:
+            v = v[None].expand(batch, -1)
+        if v.shape != (batch, s):
+            raise DecoderInputError(f"speaker must have shape ({s},) or ({batch}, {s}), got {tuple(v.shape)}")
+        return v
 
     @property
     def first_unit_after_tokens(self) -> int:
@@ -534,8 +575,10 @@ class SpeechDecoder(DecoderBase):
             return h
         return self.fusion(h, self.embed_norm(embeds))
 
-    def token_vectors(self, hidden: torch.Tensor, embeds: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """(B, N, H) x 2 + (B, N) mask -> (B, N, dim): fused token + look-ahead tokens."""
+    def token_vectors(self, hidden: torch.Tensor, embeds: torch.Tensor, token_mask: torch.Tensor,
+                      speaker=None) -> torch.Tensor:
+        """(B, N, H) x 2 + (B, N) mask (+ the voice, see ``speaker_input``) -> (B, N, dim):
+        fused token + look-ahead tokens + the voice's vector."""
         x = self.fused(hidden, embeds) * token_mask[..., None]
         out = self.token_proj(x)
         n = x.shape[1]
@@ -543,6 +586,9 @@ class SpeechDecoder(DecoderBase):
             ahead = torch.zeros_like(x)  # row i holds token i+k; zeros past the end of the reply
             ahead[:, : max(0, n - k)] = x[:, k:]
             out = out + proj(ahead)
+        voice = self.speaker_input(speaker, x.shape[0])
+        if voice is not None:
+            out = out + self.speaker_proj(voice)[:, None, :]
         return out * token_mask[..., None]
 
     def frames_from_log(self, log_durations: torch.Tensor) -> torch.Tensor:
@@ -588,8 +634,10 @@ class SpeechDecoder(DecoderBase):
 
     # -- training -------------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, embeds: torch.Tensor, emotion: torch.Tensor, token_mask: torch.Tensor,
-                durations: torch.Tensor) -> dict:
+                durations: torch.Tensor, speaker=None) -> dict:
         """Teacher-forced pass with given durations (B, N) int -> logits over frames and log-durations.
+
+        ``speaker``: the reply voices (B, speaker_dim), for a decoder with a voice input.
 
         Returns ``unit_logits`` (B,F,n_units), ``pitch_logits``, ``energy_logits``,
         ``log_durations`` (B,N) and ``frame_mask`` (B,F). A row longer than ``max_frames``
@@ -604,7 +652,7 @@ class SpeechDecoder(DecoderBase):
             raise DecoderInputError(f"a reply of {longest} unit frames is longer than max_frames = "
                                     f"{self.config.max_frames}; leave such examples out of training or raise max_frames")
         cond = self.emotion_condition(emotion) * token_mask[..., None]
-        tokens = self.token_vectors(hidden, embeds, token_mask)
+        tokens = self.token_vectors(hidden, embeds, token_mask, speaker)
         log_durations = self.duration_predictor(tokens, cond)
         x, c, frame_mask = self.frame_inputs(tokens, cond, durations)
         logits, _ = self.decode_frames(x, c)
@@ -615,7 +663,8 @@ class SpeechDecoder(DecoderBase):
 
         ``batch``: ``hidden``, ``embeds`` (B,N,H), ``emotion`` (B,N,E), ``token_mask`` (B,N),
         ``durations`` (B,N), ``units``/``pitch``/``energy`` (B,F) and ``frame_mask`` (B,F), as
-        made by ``stage2_batch`` + ``mix_emotion``. The duration MSE is on ``log(1 + frames)``.
+        made by ``stage2_batch`` + ``mix_emotion``, and ``speaker`` (B,S) for a decoder with a voice
+        input. The duration MSE is on ``log(1 + frames)``.
         """
         c = self.config
         frame_mask = batch["frame_mask"].bool()
@@ -628,7 +677,7 @@ class SpeechDecoder(DecoderBase):
         for name, size in (("units", c.n_units), ("pitch", c.pitch_bins), ("energy", c.energy_bins)):
             targets[name] = batch[name].long()
             check_ids(targets[name][frame_mask], size, name)
-        out = self(batch["hidden"], batch["embeds"], batch["emotion"], token_mask, durations)
+        out = self(batch["hidden"], batch["embeds"], batch["emotion"], token_mask, durations, batch.get("speaker"))
         f = out["frame_mask"].shape[1]
         valid = frame_mask[:, :f]
         terms = {}
@@ -646,13 +695,13 @@ class SpeechDecoder(DecoderBase):
 
     @torch.no_grad()
     def predict_durations(self, hidden: torch.Tensor, embeds: torch.Tensor, emotion: torch.Tensor,
-                          token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,N,H), (B,N,H), (B,N,E) -> predicted frames per token (B,N) long (0 at padding)."""
+                          token_mask: torch.Tensor | None = None, speaker=None) -> torch.Tensor:
+        """(B,N,H), (B,N,H), (B,N,E) (+ voices) -> predicted frames per token (B,N) long (0 at padding)."""
         if token_mask is None:
             token_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         token_mask = token_mask.bool()
         cond = self.emotion_condition(emotion) * token_mask[..., None]
-        tokens = self.token_vectors(hidden, embeds, token_mask)
+        tokens = self.token_vectors(hidden, embeds, token_mask, speaker)
         return self.frames_from_log(self.duration_predictor(tokens, cond)) * token_mask
 
     # -- inference ------------------------------------------------------------------------------
@@ -667,8 +716,10 @@ class SpeechDecoder(DecoderBase):
                 (("units", "unit"), ("pitch", "pitch"), ("energy", "energy"))}
 
     @torch.no_grad()
-    def generate(self, hidden, embeds, emotion, durations=None) -> dict:
+    def generate(self, hidden, embeds, emotion, durations=None, speaker=None) -> dict:
         """One reply (N,H), (N,H), (N,E) -> greedy ``units``, ``pitch``, ``energy`` (F,) and ``durations`` (N,).
+
+        ``speaker``: the reply voice's (speaker_dim,) reference, for a decoder with a voice input.
 
         ``durations`` (N,) may be given (e.g. the DTW ones, to isolate the frame decoder); else
         they are predicted. Replies longer than ``max_frames`` are decoded in the windows of
@@ -681,7 +732,7 @@ class SpeechDecoder(DecoderBase):
         if n == 0:
             return self._empty()
         mask = torch.ones(1, n, dtype=torch.bool, device=self.device)
-        tokens = self.token_vectors(h[None], e[None], mask)
+        tokens = self.token_vectors(h[None], e[None], mask, speaker)
         cond = self.emotion_condition(emo[None])
         if durations is None:
             durations = self.frames_from_log(self.duration_predictor(tokens, cond))[0]
@@ -704,8 +755,10 @@ class SpeechDecoder(DecoderBase):
         return {**result, "durations": durations, "windows": planner.windows()}
 
     @torch.no_grad()
-    def stream(self, token_iter: Iterable) -> Iterator[dict]:
+    def stream(self, token_iter: Iterable, speaker=None) -> Iterator[dict]:
         """Consume ``(h_i, e_i, emo_i)`` one token at a time; yield each token's frames once known.
+
+        ``speaker``: the reply voice's reference, as for ``generate``.
 
         Token ``i`` is ready when token ``i + lookahead_tokens`` has arrived (or the input has
         ended). Its duration comes from the causal duration predictor, its frames from the frame
@@ -714,6 +767,7 @@ class SpeechDecoder(DecoderBase):
         be 0); the concatenation equals ``generate`` on the whole reply.
         """
         lookahead = self.config.lookahead_tokens
+        voice = self.speaker_input(speaker, 1)  # checked before the first token
         hs, es, emos = [], [], []
         tokens_final, conds, durations = [], [], []
         planner = WindowPlanner(self.config.max_frames)
@@ -722,7 +776,7 @@ class SpeechDecoder(DecoderBase):
         def ready(i: int) -> dict:
             h, e, emo = torch.stack(hs), torch.stack(es), torch.stack(emos)
             mask = torch.ones(1, len(hs), dtype=torch.bool, device=self.device)
-            tokens = self.token_vectors(h[None], e[None], mask)  # final for tokens <= i
+            tokens = self.token_vectors(h[None], e[None], mask, voice)  # final for tokens <= i
             cond = self.emotion_condition(emo[None])
             tokens_final.append(tokens[:, i])
             conds.append(cond[:, i])
@@ -804,8 +858,10 @@ def stage2_batch(items: list[dict]) -> dict:
 
     Each item: ``hidden``, ``embeds`` (N,H), ``emotion_gt`` (N,E), ``emotion_pred`` (N,E, may be
     missing or None), ``durations`` (N,), ``units``, ``pitch``, ``energy`` (F,) with
-    ``F == durations.sum()``; an optional ``pair_id`` names the item in errors. Returns those
-    keys plus ``token_mask`` (B,N) and ``frame_mask`` (B,F). An empty reply (N = 0) raises.
+    ``F == durations.sum()``; an optional ``pair_id`` names the item in errors and an optional
+    ``speaker`` (S,) is the reply voice's reference. Returns those keys plus ``token_mask`` (B,N)
+    and ``frame_mask`` (B,F); ``speaker`` (B,S) when every item has one, else None. An empty
+    reply (N = 0) raises.
     """
     if not items:
         raise DecoderInputError("stage2_batch got no items")
@@ -831,7 +887,9 @@ def stage2_batch(items: list[dict]) -> dict:
            "emotion_pred": torch.zeros(b, n, e) if has_pred else None,
            "token_mask": torch.zeros(b, n, dtype=torch.bool), "durations": torch.zeros(b, n, dtype=torch.long),
            "units": torch.zeros(b, f, dtype=torch.long), "pitch": torch.zeros(b, f, dtype=torch.long),
-           "energy": torch.zeros(b, f, dtype=torch.long), "frame_mask": torch.zeros(b, f, dtype=torch.bool)}
+           "energy": torch.zeros(b, f, dtype=torch.long), "frame_mask": torch.zeros(b, f, dtype=torch.bool),
+           "speaker": (torch.stack([torch.as_tensor(np.asarray(it["speaker"], dtype=np.float32)) for it in items])
+                       if all(it.get("speaker") is not None for it in items) else None)}
     for i, it in enumerate(items):
         k, t = n_tok[i], n_frm[i]
         for key in ("hidden", "embeds", "emotion_gt") + (("emotion_pred",) if has_pred else ()):
@@ -972,7 +1030,8 @@ def evaluate_stage2(model: DecoderBase, items: list, alpha: float = 1.0, batch_s
             weight = n if k == "duration_mse" else f
             sums[k] = sums.get(k, 0.0) + float(v) * weight
         if with_durations:
-            predicted = model.predict_durations(batch["hidden"], batch["embeds"], batch["emotion"], batch["token_mask"])
+            predicted = model.predict_durations(batch["hidden"], batch["embeds"], batch["emotion"], batch["token_mask"],
+                                                batch.get("speaker"))
             abs_err += float(((predicted - batch["durations"]).abs() * batch["token_mask"]).sum())
         frames, tokens = frames + f, tokens + n
     result = {k: v / max(1, tokens if k == "duration_mse" else frames) for k, v in sums.items() if k != "loss"}
@@ -1062,7 +1121,8 @@ def load_decoder(path: str | Path, device: str = "cpu") -> DecoderBase:
 # ---------------------------------------------------------------------------------------------
 # A run's stage-2 data: stage-1 states + DTW durations + speech tokens of the spoken reply
 # ---------------------------------------------------------------------------------------------
-def load_stage2_items(run, rows: list[dict], splits: tuple[str, ...], max_frames: int) -> tuple[list[dict], dict]:
+def load_stage2_items(run, rows: list[dict], splits: tuple[str, ...], max_frames: int,
+                      voices: dict | None = None) -> tuple[list[dict], dict]:
     """Training items of the kept pairs in ``splits``, read from notebooks 03, 05 and 06's outputs.
 
     Per pair: the frozen stage-1 model's ``hidden``, ``embeds`` and predicted ``emotion_pred``
@@ -1070,7 +1130,9 @@ def load_stage2_items(run, rows: list[dict], splits: tuple[str, ...], max_frames
     durations at 25 Hz from the DTW spans, and the reply's (unit, pitch, energy) frames
     (``tokens/tokens.npy``, notebook 05). A pair is skipped and counted when a piece is missing,
     when its token count differs between the pieces, or when it is longer than ``max_frames``
-    (the decoder's training context): never padded or truncated silently.
+    (the decoder's training context): never padded or truncated silently. ``voices`` (speaker
+    -> (160,) reference, ``pipeline.run_voices``) adds each reply speaker's voice as ``speaker``;
+    a pair whose speaker has none is skipped and counted as ``no_voice``.
     """
     from .paths import read_jsonl
     from .store import FrameStore
@@ -1082,7 +1144,7 @@ def load_stage2_items(run, rows: list[dict], splits: tuple[str, ...], max_frames
     targets = FrameStore(run.require(root / "features" / "trajectories.npy", "trajectories"))
     tokens = FrameStore(run.require(root / "tokens" / "tokens.npy", "speech_tokens"))
     spans = {s["pair_id"]: s for s in read_jsonl(run.require(root / "features" / "token_spans.jsonl", "trajectories"))}
-    counts = {"selected": 0, "used": 0, "missing": 0, "token_mismatch": 0, "too_long": 0}
+    counts = {"selected": 0, "used": 0, "missing": 0, "token_mismatch": 0, "too_long": 0, "no_voice": 0}
     items = []
     for r in rows:
         if not r.get("kept", True) or r["split"] not in splits:
@@ -1100,9 +1162,14 @@ def load_stage2_items(run, rows: list[dict], splits: tuple[str, ...], max_frames
         if len(frames) > max_frames:
             counts["too_long"] += 1
             continue
+        if voices is not None and r.get("response_speaker") not in voices:
+            counts["no_voice"] += 1
+            continue
         items.append({"pair_id": pid, "hidden": h, "embeds": embeds[pid], "emotion_gt": gt,
                       "emotion_pred": predicted[pid],
                       "durations": durations_from_spans(span["frame_spans"], len(frames)),
-                      "units": frames[:, 0], "pitch": frames[:, 1], "energy": frames[:, 2]})
+                      "units": frames[:, 0], "pitch": frames[:, 1], "energy": frames[:, 2],
+                      **({"speaker": np.asarray(voices[r["response_speaker"]], dtype=np.float32)}
+                         if voices is not None else {})})
         counts["used"] += 1
     return items, counts

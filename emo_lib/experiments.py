@@ -340,7 +340,7 @@ def speak(decoder, token2mel, vocoder, voice, reply: dict, seed: int = 0) -> tup
     with torch.inference_mode():
         started = time.perf_counter()
         speech = decoder.generate(torch.as_tensor(reply["hidden"]), torch.as_tensor(reply["embeds"]),
-                                  torch.as_tensor(reply["emotion"]))
+                                  torch.as_tensor(reply["emotion"]), speaker=voice)
         decoding_s = time.perf_counter() - started
         limit = MAX_FRAMES_PER_TOKEN * len(reply["hidden"])
         capped = len(speech["units"]) > limit

@@ -333,8 +333,11 @@ class InterleavedDecoder(DecoderBase):
             yield writer.write_block(self.config.write_units)
 
     @torch.no_grad()
-    def generate(self, hidden, embeds, emotion, use_cache: bool = True) -> dict:
+    def generate(self, hidden, embeds, emotion, use_cache: bool = True, speaker=None) -> dict:
         """One reply (N,H), (N,H), (N,E) -> greedy ``units``, ``pitch``, ``energy`` (F,) long.
+
+        ``speaker`` is accepted for the same call as ``SpeechDecoder.generate`` and ignored: this
+        variant has no voice input (OpenS2S's units carry no pitch; the kit's do, see notebook 09).
 
         Reads R tokens, writes up to W tokens, ..., then writes until EOS or ``max_frames``.
         ``durations`` is an empty tensor (this decoder has none); ``eos`` says whether it stopped
@@ -350,8 +353,10 @@ class InterleavedDecoder(DecoderBase):
                 "tokens_read": chunks[-1]["tokens_read"] if chunks else 0}
 
     @torch.no_grad()
-    def stream(self, token_iter: Iterable) -> Iterator[dict]:
+    def stream(self, token_iter: Iterable, speaker=None) -> Iterator[dict]:
         """Consume ``(h_i, e_i, emo_i)`` one token at a time; yield each write block as soon as it is written.
+
+        ``speaker`` is ignored, as in ``generate``.
 
         After every R tokens (and once more when the input ends with a partial block) one block
         of at most W speech tokens is written; after the input ends, W-sized blocks follow until

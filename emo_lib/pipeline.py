@@ -244,14 +244,15 @@ class StreamingDecoder:
     The decoder releases token ``i`` when token ``i + lookahead_tokens`` arrives, so the first
     ``lookahead_tokens`` pushes return nothing and every later push returns one token's frames
     ``{"token", "duration", "units", "pitch", "energy"}``; ``finish()`` returns the last ones.
+    ``speaker`` is the reply voice's reference, for a decoder with a voice input.
     """
 
-    def __init__(self, decoder):
+    def __init__(self, decoder, speaker=None):
         self.pushed = 0
         self._writer = None
         if getattr(decoder, "predicts_durations", True):
             self.lookahead = decoder.config.lookahead_tokens
-            self._pump = Pump(decoder.stream)
+            self._pump = Pump(lambda tokens: decoder.stream(tokens, speaker=speaker))
         else:  # a read/write decoder (interleaved): blocks of units after every R tokens, no durations
             from .interleaved import incremental
 
@@ -368,6 +369,15 @@ def run_voice(run, speaker: str = "", min_seconds: float = 1.0, tries: int = 5) 
         except SpeakerReferenceError as err:
             last = err
     raise PipelineError(f"no usable voice reference for speaker {speaker!r}: {last}")
+
+
+def run_voices(run, speakers, min_seconds: float = 1.0) -> dict:
+    """``{speaker: run_voice(run, speaker)}``: one neutral reference per speaker (stage 2's voice input).
+
+    The stage-2 decoder trains on each reply with its speaker's reference, made exactly as the
+    reply voice is at inference, so training and inference see the same kind of vector.
+    """
+    return {speaker: run_voice(run, speaker, min_seconds).numpy() for speaker in sorted(set(speakers))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,7 +550,7 @@ class EmotionOmni:
             yield event
 
     def _events(self, example: Stage1Example, noise_seed: int, clock: _BusyClock) -> Iterator[dict]:
-        decoder = StreamingDecoder(self.decoder)
+        decoder = StreamingDecoder(self.decoder, speaker=self.voice)
         mel = IncrementalToken2Mel(self.token2mel, self.voice, noise_seed, self.max_frames)
         vocoder = IncrementalVocoder(self.vocoder)
         pieces: list[str] = []
@@ -627,7 +637,7 @@ class EmotionOmni:
         if not ids:
             seconds = time.perf_counter() - started
             return self._done(reply["text"], ids, [], np.zeros((0, 3)), [], empty, None, seconds, EMPTY_REPLY_NOTE)
-        frames = self.decoder.generate(reply["hidden"], self._embeds(ids), emotion)
+        frames = self.decoder.generate(reply["hidden"], self._embeds(ids), emotion, speaker=self.voice)
         tokens = torch.stack([frames[k] for k in ("units", "pitch", "energy")], 1).cpu()
         durations = frames["durations"].cpu().tolist()
         if len(tokens) == 0:

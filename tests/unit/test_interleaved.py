@@ -288,7 +288,7 @@ def test_loss_has_the_durations_decoders_terms_and_checks_inputs():
 
 # -- registry, presets, checkpoints ----------------------------------------------------------------
 PRESET = {"stage2": {"dim": 16, "layers": 2, "heads": 2, "max_frames": 64, "lookahead_tokens": 2, "fusion": "gate",
-                     "adaln": True, "read_tokens": 3, "write_units": 5}}
+                     "adaln": True, "speaker": True, "read_tokens": 3, "write_units": 5}}
 META = {"n_units": 10, "pitch_bins": 5, "energy_bins": 3, "unit_hz": 25}
 
 
@@ -298,6 +298,7 @@ def test_build_decoder_by_name():
     assert type(durations) is D.SpeechDecoder and durations.config.lookahead_tokens == 2
     assert durations.config.n_units == 10 and durations.config.hidden_dim == H
     assert durations.first_unit_after_tokens == 3
+    assert durations.config.speaker_dim == D.SPEAKER_DIM  # stage2.speaker: the voice input
     interleaved = D.build_decoder("interleaved", PRESET, H, E, META)
     assert type(interleaved) is I.InterleavedDecoder and interleaved.registry_name == "interleaved"
     c = interleaved.config

@@ -221,6 +221,28 @@ def test_streamed_reply_matches_offline_and_events_come_in_order(tokenizer):
     assert "".join(e["text_piece"] for e in events if e["kind"] == "text").strip() == done["text"]
 
 
+def test_a_decoder_with_a_voice_input_gets_the_reply_voice_streaming_and_offline(tokenizer):
+    voice = torch.randn(160, generator=torch.Generator().manual_seed(1)) - 5.0
+    omni = P.EmotionOmni(tiny_stage1(tokenizer), tiny_decoder(speaker_dim=160), tiny_token2mel(), tiny_vocoder(),
+                         FakeFeatures(), voice, max_new_tokens=6, max_reply_s=5.0)
+    heard = []
+    for name in ("generate", "stream"):  # record the voice each decoding path hands the decoder
+        def spy(*args, _original=getattr(omni.decoder, name), **kwargs):
+            heard.append(kwargs.get("speaker"))
+            return _original(*args, **kwargs)
+        setattr(omni.decoder, name, spy)
+    wav = query(1.0, sr=22050, seed=3)
+    streamed = P.collect(omni.respond(wav, 22050))
+    offline = omni.respond_offline(wav, 22050)
+    assert len(heard) == 2 and all(v is omni.voice for v in heard)
+    assert np.array_equal(streamed["units"], offline["units"]) and len(streamed["units"]) > 0
+    omni.decoder.generate = type(omni.decoder).generate.__get__(omni.decoder)
+    from emo_lib.decoder import DecoderInputError
+
+    with pytest.raises(DecoderInputError, match="pass speaker="):  # such a decoder refuses to guess the voice
+        omni.decoder.generate(np.zeros((2, 32), np.float32), np.zeros((2, 32), np.float32), np.zeros((2, EMOTION), np.float32))
+
+
 def test_an_empty_reply_ends_with_a_note_and_no_audio(tokenizer):
     omni = tiny_omni(tokenizer, max_new_tokens=6)
     wav = query(0.7)
