@@ -1153,6 +1153,22 @@ class SpeechProjector(nn.Module):
         return self.project(torch.cat([s, e], dim=-1)) * out_mask[..., None], out_mask
 
 
+def plan_emotion(model: EmotionEncoder, vectors: np.ndarray) -> str:
+    """The emotion the encoder's utterance head reads in a whole plan (every token pooled); "" if empty.
+
+    A stage-1 plan is a sequence of vectors in the encoder's frame space, so the head that names
+    the emotion of an utterance's frames can name the plan's: what stage 2 is asked to say.
+    """
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2:
+        raise ValueError(f"a plan is (tokens, dim), got shape {vectors.shape}")
+    if len(vectors) == 0:
+        return ""
+    with torch.no_grad():
+        logits = model.utterance_logits(torch.as_tensor(vectors)[None], torch.ones(1, len(vectors), dtype=torch.bool))
+    return EMOTIONS[int(logits[0].argmax())]
+
+
 @torch.no_grad()
 def plan_emotion_probabilities(model: EmotionEncoder, vectors: np.ndarray, window: int = 5) -> np.ndarray:
     """Read an emotion *plan* (one emotion vector per reply token) with the encoder's own head.

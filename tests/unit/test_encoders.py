@@ -338,3 +338,9 @@ def test_a_plan_is_read_with_the_encoders_own_head():
     expected = torch.softmax(model.utterance_logits(torch.as_tensor(vectors[1:4])[None], mask), -1)[0].detach().numpy()
     np.testing.assert_allclose(probs[2], expected, atol=1e-5)  # token 2 reads tokens 1..3
     assert E.plan_emotion_probabilities(model, vectors[:0]).shape == (0, len(EMOTIONS))
+    # the whole plan, pooled: the head's verdict over all six tokens
+    whole = model.utterance_logits(torch.as_tensor(vectors)[None], torch.ones(1, 6, dtype=torch.bool))[0]
+    assert E.plan_emotion(model, vectors) == EMOTIONS[int(whole.argmax())]
+    assert E.plan_emotion(model, vectors[:0]) == ""
+    with pytest.raises(ValueError, match="a plan is"):
+        E.plan_emotion(model, vectors[0])
