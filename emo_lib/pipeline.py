@@ -519,11 +519,14 @@ class EmotionOmni:
           25 Hz speech tokens, once the decoder's look-ahead token has arrived;
         - ``{"kind": "audio", "wav" (float32 at 22.05 kHz), "start_s", "t"}``: the next piece of speech;
         - last, ``{"kind": "done", "text", "token_ids", "emotion" (N, E), "units" (F, 3): unit, pitch,
-          energy, "durations" (N,), "wav", "sr", "first_audio_s", "seconds", "audio_s", "rtf", "note"}``.
+          energy, "durations" (N,), "wav", "sr", "first_audio_s", "seconds", "audio_s", "rtf", "stall_s",
+          "note"}``.
 
         ``t`` is the compute time in seconds since the call, counting only time spent inside this
         generator (a slow consumer does not inflate it); ``first_audio_s`` is ``t`` of the first
-        audio; ``rtf`` = compute time / audio duration (< 1: faster than real time). An empty
+        audio; ``rtf`` = compute time / audio duration (< 1: faster than real time); ``stall_s``
+        the silence a listener would hear after the first audio, waiting for later pieces
+        (``playback_stalls``: an RTF below 1 on average can still stall when pieces come late). An empty
         reply ends with a "done" event with empty audio and an explanatory ``note``. The query is
         checked (``listen``) before the generator is returned, so unusable audio raises at once.
         """
@@ -558,6 +561,7 @@ class EmotionOmni:
         emotions: list[np.ndarray] = []
         durations: list[int] = []
         audio: list[np.ndarray] = []
+        timeline: list[tuple[float, float, float]] = []  # (t, start_s, seconds) of every audio piece
         state = {"samples": 0, "first": None}
         blocked: list[torch.Tensor] = []  # mel chunks waiting to be vocoded together
 
@@ -566,6 +570,7 @@ class EmotionOmni:
             state["samples"] += len(piece)
             audio.append(piece)
             now = clock.elapsed()
+            timeline.append((now, start, len(piece) / SAMPLE_RATE))
             if state["first"] is None:
                 state["first"] = now
             return {"kind": "audio", "wav": piece, "start_s": start, "t": now}
@@ -610,16 +615,17 @@ class EmotionOmni:
         note = EMPTY_REPLY_NOTE if not token_ids else (SILENT_REPLY_NOTE if mel.n_units == 0 else "")
         yield self._done("".join(pieces).strip(), token_ids, emotions, mel.tokens, durations,
                          np.concatenate(audio) if audio else np.zeros(0, dtype=np.float32),
-                         state["first"], clock.elapsed(), note)
+                         state["first"], clock.elapsed(), note, playback_stalls(timeline))
 
-    def _done(self, text, token_ids, emotions, tokens, durations, wav, first_audio_s, seconds, note) -> dict:
+    def _done(self, text, token_ids, emotions, tokens, durations, wav, first_audio_s, seconds, note,
+              stall_s: float = 0.0) -> dict:
         e = self.stage1.config.emotion_dim
         audio_s = len(wav) / SAMPLE_RATE
         return {"kind": "done", "text": text, "token_ids": list(token_ids),
                 "emotion": np.stack(emotions).astype(np.float32) if len(emotions) else np.zeros((0, e), np.float32),
                 "units": np.asarray(tokens, dtype=np.int64).reshape(-1, 3),
                 "durations": np.asarray(durations, dtype=np.int64), "wav": wav.astype(np.float32), "sr": SAMPLE_RATE,
-                "first_audio_s": first_audio_s, "seconds": seconds, "audio_s": audio_s,
+                "first_audio_s": first_audio_s, "seconds": seconds, "audio_s": audio_s, "stall_s": float(stall_s),
                 "rtf": seconds / audio_s if audio_s > 0 else float("nan"), "note": note}
 
     def respond_offline(self, wav: np.ndarray, sr: int, noise_seed: int | None = None) -> dict:
@@ -653,6 +659,26 @@ class EmotionOmni:
         wav = self.vocoder(mel[0])
         seconds = time.perf_counter() - started
         return self._done(reply["text"], ids, list(emotion), tokens.numpy(), durations, wav, seconds, seconds, "")
+
+
+def playback_stalls(pieces: Iterable[tuple[float, float, float]]) -> float:
+    """Seconds of silence a listener hears after the first audio, waiting for the next pieces.
+
+    ``pieces``: ``(t, start_s, seconds)`` per audio piece in order: when it was ready (compute
+    clock), where it starts in the reply, how long it is. Playback starts when the first piece
+    is ready and plays without gaps; a piece that is not ready when its turn comes pauses
+    playback until it is (every pause shifts the later turns). 0 means the reply streams
+    without a break, whatever its real-time factor.
+    """
+    stalled, started = 0.0, None
+    for t, start_s, _ in pieces:
+        if started is None:
+            started = t - start_s
+            continue
+        due = started + start_s + stalled  # when playback reaches this piece
+        if t > due:
+            stalled += t - due
+    return stalled
 
 
 def collect(events: Iterable[dict]) -> dict:

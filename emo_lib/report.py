@@ -408,6 +408,8 @@ ROWS: list[Row | DictRows] = [
         ("07_demo.first_audio_s_mean", "07_demo.first_audio_s_max"), fmt(".2f"), bold=True),
     Row("07 demo", "streaming real-time factor, mean / max", ("07_demo.stream_rtf_mean", "07_demo.stream_rtf_max"),
         fmt(".2f"), "RTF ≤ 1", bold=True),
+    Row("07 demo", "playback stalls after the first audio, mean / max (s)", ("07_demo.stall_s_mean", "07_demo.stall_s_max"),
+        fmt(".2f")),
     DictRows("08 evaluation", "same-text judge accuracy: {key}", "08_evaluation.judge_same_text", fmt_mean_ci()),
     DictRows("08 evaluation", "emotional test set, judge accuracy: {key}", "08_evaluation.judge_emotional_test",
              fmt_mean_ci()),

@@ -218,6 +218,8 @@ def test_streamed_reply_matches_offline_and_events_come_in_order(tokenizer):
     times = [e["t"] for e in events[:-1]]
     assert times == sorted(times) and done["first_audio_s"] == pieces[0]["t"] <= done["seconds"]
     assert done["rtf"] == pytest.approx(done["seconds"] / done["audio_s"])
+    expected_stall = P.playback_stalls([(p["t"], p["start_s"], len(p["wav"]) / 22050) for p in pieces])
+    assert done["stall_s"] == pytest.approx(expected_stall) and done["stall_s"] >= 0.0
     assert "".join(e["text_piece"] for e in events if e["kind"] == "text").strip() == done["text"]
 
 
@@ -376,3 +378,11 @@ def test_run_voice_prefers_a_neutral_reference(tmp_path):
     run.manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     neutral = P.voice_from_wav(*load_audio(run.root / "data/wavs/1.wav"))
     assert torch.allclose(P.run_voice(run, "f2"), neutral)  # not the longer, angry one
+
+
+def test_playback_stalls_count_the_silence_while_a_late_piece_is_awaited():
+    # pieces of 1 s each, ready at 0.5, 1.0, 3.0 (due at 2.5: 0.5 s late), 4.0 (due at 4.0 after the pause: on time)
+    assert P.playback_stalls([(0.5, 0.0, 1.0), (1.0, 1.0, 1.0), (3.0, 2.0, 1.0), (4.0, 3.0, 1.0)]) == pytest.approx(0.5)
+    assert P.playback_stalls([(0.2, 0.0, 1.0), (0.4, 1.0, 1.0)]) == 0.0  # faster than real time: no break
+    assert P.playback_stalls([(0.3, 0.0, 0.1), (1.3, 0.1, 5.0)]) == pytest.approx(0.9)  # a short first piece
+    assert P.playback_stalls([]) == 0.0
