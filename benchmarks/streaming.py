@@ -1,6 +1,7 @@
 """First-audio latency and real-time factor of the streaming system (emo_lib.pipeline.EmotionOmni).
 
     OMP_NUM_THREADS=2 python benchmarks/streaming.py --run runs/cpu --replies 5
+    OMP_NUM_THREADS=2 python benchmarks/streaming.py --run runs/cpu --no-offline --block-frames 48 96
 
 Loads a run's trained system as notebook 07 does (``EmotionOmni.from_run``: stage 1, the stage-2
 decoder, token2mel, HiFi-GAN, Whisper's encoder and the emotion encoder), then answers ``--replies``
@@ -10,6 +11,11 @@ answered first and not counted (warm-up: lazy initialisation, first-call allocat
 
 - first audio: compute seconds from the call until the first piece of reply audio is ready;
 - RTF: compute seconds / seconds of reply audio (< 1 is faster than real time);
+- stalls: seconds of silence after the first audio while a late piece is awaited
+  (``pipeline.playback_stalls``);
+- ``--block-frames``: one or more values of ``synthesis.vocoder_block_frames`` (mel frames per vocoder
+  call after the first chunk), each measured on the same queries: bigger blocks re-run less vocoder
+  context (cheaper), but the second piece of audio comes later (stalls).
 - offline / first audio: how much sooner the streamed reply starts than an offline one would.
 """
 from __future__ import annotations
@@ -33,12 +39,12 @@ def pick_queries(rows: list[dict], count: int, seed: int) -> list[dict]:
 
 
 def stream_once(omni, wav: np.ndarray, sr: int) -> dict:
-    """One streamed reply: its "done" event's first_audio_s, seconds, audio_s, rtf, text."""
+    """One streamed reply: its "done" event's first_audio_s, seconds, audio_s, rtf, stall_s, text."""
     done = None
     for event in omni.respond(wav, sr):
         done = event
     return {"first_audio_s": done["first_audio_s"], "seconds": done["seconds"], "audio_s": done["audio_s"],
-            "rtf": done["rtf"], "text": done["text"]}
+            "rtf": done["rtf"], "stall_s": done.get("stall_s"), "text": done["text"]}
 
 
 def offline_once(omni, wav: np.ndarray, sr: int) -> float:
@@ -50,7 +56,7 @@ def summarize(records: list[dict]) -> dict:
     """Mean and max of first audio, RTF, reply seconds (and offline seconds) over the spoken replies."""
     spoken = [r for r in records if r["audio_s"] > 0 and r["first_audio_s"] is not None]
     out = {"replies": len(records), "spoken": len(spoken)}
-    for key in ("first_audio_s", "rtf", "audio_s", "offline_s"):
+    for key in ("first_audio_s", "rtf", "stall_s", "audio_s", "offline_s"):
         values = [r[key] for r in spoken if r.get(key) is not None]
         if values:
             out[f"{key}_mean"], out[f"{key}_max"] = float(np.mean(values)), float(np.max(values))
@@ -62,18 +68,19 @@ def summarize(records: list[dict]) -> dict:
 def format_report(records: list[dict], summary: dict) -> str:
     """Per-reply rows, then mean and max rows, then the offline / first-audio ratio."""
     with_offline = any(r.get("offline_s") is not None for r in records)
-    header = ["reply", "reply audio (s)", "first audio (s)", "compute (s)", "RTF"] + (["offline (s)"] if with_offline else [])
+    header = ["reply", "reply audio (s)", "first audio (s)", "compute (s)", "RTF", "stalls (s)"] + (
+        ["offline (s)"] if with_offline else [])
 
     def f(value, spec=".2f"):
         return "" if value is None or (isinstance(value, float) and not np.isfinite(value)) else format(value, spec)
 
     rows = []
     for i, r in enumerate(records):
-        row = [str(i + 1), f(r["audio_s"]), f(r["first_audio_s"]), f(r["seconds"]), f(r["rtf"])]
+        row = [str(i + 1), f(r["audio_s"]), f(r["first_audio_s"]), f(r["seconds"]), f(r["rtf"]), f(r.get("stall_s"))]
         rows.append(row + ([f(r.get("offline_s"))] if with_offline else []))
     for stat in ("mean", "max"):
         row = [stat, f(summary.get(f"audio_s_{stat}")), f(summary.get(f"first_audio_s_{stat}")), "",
-               f(summary.get(f"rtf_{stat}"))]
+               f(summary.get(f"rtf_{stat}")), f(summary.get(f"stall_s_{stat}"))]
         rows.append(row + ([f(summary.get(f"offline_s_{stat}"))] if with_offline else []))
     text = text_table(header, rows)
     text += f"\nspoken replies: {summary['spoken']} of {summary['replies']}"
@@ -89,6 +96,8 @@ def main(argv=None) -> int:
     parser.add_argument("--replies", type=int, default=5, help="held-out queries answered and counted")
     parser.add_argument("--no-offline", action="store_true", help="skip the offline (non-streamed) comparison")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--block-frames", type=int, nargs="+", default=None,
+                        help="synthesis.vocoder_block_frames values to compare (default: the preset's)")
     args = parser.parse_args(argv)
 
     import torch
@@ -107,15 +116,18 @@ def main(argv=None) -> int:
     print(f"run {run.root} | preset {cfg.name} | device {device} | torch threads {torch.get_num_threads()}")
     omni = pipeline.EmotionOmni.from_run(run, cfg, device)
     queries = pick_queries(data.load_manifest(run), args.replies, cfg["seed"])
-    records = []
-    for k, row in enumerate(queries):
-        wav, sr = load_audio(run.root / row["query_wav"])
-        record = stream_once(omni, wav, sr)
-        if not args.no_offline:
-            record["offline_s"] = offline_once(omni, wav, sr)
-        if k > 0:  # the first reply is the warm-up
-            records.append(record)
-    print(format_report(records, summarize(records)))
+    for block_frames in args.block_frames or [omni.vocoder_block_frames]:
+        omni.vocoder_block_frames = int(block_frames)
+        records = []
+        for k, row in enumerate(queries):
+            wav, sr = load_audio(run.root / row["query_wav"])
+            record = stream_once(omni, wav, sr)
+            if not args.no_offline:
+                record["offline_s"] = offline_once(omni, wav, sr)
+            if k > 0:  # the first reply is the warm-up
+                records.append(record)
+        print(f"\nvocoder blocks of >= {block_frames} mel frames after the first chunk")
+        print(format_report(records, summarize(records)))
     return 0
 
 

@@ -220,7 +220,8 @@ class FakeOmni:
     def respond(self, wav, sr):
         yield {"kind": "text", "t": 0.1}
         yield {"kind": "audio", "t": 0.3}
-        yield {"kind": "done", "first_audio_s": 0.3, "seconds": 1.0, "audio_s": 2.0, "rtf": 0.5, "text": "hi"}
+        yield {"kind": "done", "first_audio_s": 0.3, "seconds": 1.0, "audio_s": 2.0, "rtf": 0.5, "stall_s": 0.25,
+               "text": "hi"}
 
     def respond_offline(self, wav, sr):
         return {"seconds": 1.2}
@@ -229,14 +230,15 @@ class FakeOmni:
 def test_streaming_summary_and_report():
     st = load_benchmark("streaming")
     record = st.stream_once(FakeOmni(), np.zeros(10), 16000)
-    assert record == {"first_audio_s": 0.3, "seconds": 1.0, "audio_s": 2.0, "rtf": 0.5, "text": "hi"}
+    assert record == {"first_audio_s": 0.3, "seconds": 1.0, "audio_s": 2.0, "rtf": 0.5, "stall_s": 0.25, "text": "hi"}
     records = [{**record, "offline_s": st.offline_once(FakeOmni(), None, 16000)},
-               {"first_audio_s": 0.5, "seconds": 1.5, "audio_s": 2.0, "rtf": 0.75, "offline_s": 1.6},
+               {"first_audio_s": 0.5, "seconds": 1.5, "audio_s": 2.0, "rtf": 0.75, "stall_s": 0.75, "offline_s": 1.6},
                {"first_audio_s": None, "seconds": 0.2, "audio_s": 0.0, "rtf": float("nan"), "offline_s": 0.2}]
     summary = st.summarize(records)
     assert summary["spoken"] == 2 and summary["replies"] == 3
     assert summary["first_audio_s_mean"] == pytest.approx(0.4) and summary["rtf_max"] == 0.75
     assert summary["offline_over_first_audio"] == pytest.approx(1.4 / 0.4)
+    assert summary["stall_s_mean"] == pytest.approx(0.5) and summary["stall_s_max"] == 0.75
     text = st.format_report(records, summary)
     assert "spoken replies: 2 of 3" in text and "3.5x" in text
     assert [line.split()[0] for line in text.splitlines()[2:7]] == ["1", "2", "3", "mean", "max"]
