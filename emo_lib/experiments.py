@@ -294,6 +294,27 @@ def shuffled_emotions(items: list, seed: int = 0) -> list:
     return out
 
 
+def other_voices(items: list, seed: int = 0) -> list:
+    """The items, each with the voice reference (``speaker``) of another of the items' speakers: "wrong voice".
+
+    Voices are told apart by their values; every item gets a seeded choice among the voices that
+    are not its own. Needs at least two distinct voices.
+    """
+    distinct: dict = {}
+    for x in items:
+        v = np.asarray(x["speaker"], dtype=np.float32)
+        distinct.setdefault(v.tobytes(), v)
+    if len(distinct) < 2:
+        raise ValueError(f"a wrong voice needs at least two distinct voices, got {len(distinct)}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for x in items:
+        own = np.asarray(x["speaker"], dtype=np.float32).tobytes()
+        others = [v for key, v in distinct.items() if key != own]
+        out.append({**x, "speaker": others[int(rng.integers(len(others)))]})
+    return out
+
+
 def held_out_replies(run, cfg, stage1, n: int, device: str = "cpu") -> list[dict]:
     """Stage-1 replies (text, hidden states, embeddings, emotion plan) to ``n`` held-out test queries.
 

@@ -80,6 +80,18 @@ def test_shuffled_emotions_swap_plans_and_keep_lengths():
     assert all(np.array_equal(w["emotion_gt"], w["emotion_pred"]) for w in wrong)
 
 
+def test_other_voices_give_every_item_a_voice_not_its_own():
+    voices = [np.full(4, float(k), dtype=np.float32) for k in range(3)]
+    items = [{"speaker": voices[i % 3], "pitch": np.arange(i)} for i in range(9)]
+    wrong = experiments.other_voices(items, seed=2)
+    assert all(not np.array_equal(w["speaker"], x["speaker"]) for w, x in zip(wrong, items))
+    assert all(any(np.array_equal(w["speaker"], v) for v in voices) for w in wrong)
+    assert all(w["pitch"] is x["pitch"] for w, x in zip(wrong, items))  # everything else is the item's own
+    assert len({w["speaker"].tobytes() for w in wrong}) >= 2
+    with pytest.raises(ValueError, match="two distinct voices"):
+        experiments.other_voices([{"speaker": voices[0]}, {"speaker": voices[0].copy()}])
+
+
 def test_results_are_reused_only_with_the_same_settings(tmp_path):
     run = RunDir("r", root=tmp_path).make()
     arm = experiments.get_arm("no_fusion", 2)
