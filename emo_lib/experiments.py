@@ -92,6 +92,9 @@ register_arm("no_fusion", 2, {"stage2.fusion": "none"},
              "without the fusion module: hidden state only, no gate, no AdaLN (the paper's Table 3)", "ablation")
 register_arm("fixed_mix", 2, {"stage2.schedule": "fixed"},
              "fixed 30 % ground-truth / 70 % predicted emotion mix instead of the schedule", "public code")
+register_arm("no_voice", 2, {"stage2.speaker": False},
+             "without the reply voice's reference: the paper's decoder inputs (its tokens carry no pitch; the kit's do)",
+             "ablation")
 register_arm("interleaved_decoder", 2, {"stage2.decoder": "interleaved"},
              "OpenS2S-style decoder: read 4 hidden states, write 8 speech tokens, autoregressive", "variant")
 

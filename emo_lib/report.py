@@ -226,7 +226,7 @@ def fmt_scalars(values: Any, spec: str = ".3f") -> str:
 
 ARM_HEADLINES = (  # (metrics key, short label): what an arm's cell shows in the README table
     ("same_text_judge_accuracy", "judge"), ("heldout_ce_nats", "CE"), ("heldout_centered_cosine", "cos"),
-    ("val_unit_accuracy", "unit acc"), ("val_energy_accuracy", "energy acc"),
+    ("val_unit_accuracy", "unit acc"), ("val_pitch_accuracy", "pitch acc"), ("val_energy_accuracy", "energy acc"),
     ("val_energy_accuracy_drop_wrong_emotion", "energy drop, wrong emotion"),
     ("e2e_wer", "WER"), ("e2e_emotion_accuracy", "emotion"), ("e2e_mos", "MOS"),
     ("first_unit_after_tokens", "tokens before speech"), ("e2e_capped", "replies cut at 12 frames/token"),

@@ -13,7 +13,8 @@ def all_arms():
 
 def test_the_issue_arms_are_registered():
     assert {"paper", "interleaved_streams", "utterance_mean_target", "no_emotion_encoder", "dual_info"} <= set(experiments.ARMS[1])
-    assert {"paper", "no_fusion", "fixed_mix", "interleaved_decoder"} <= set(experiments.ARMS[2])
+    assert {"paper", "no_fusion", "fixed_mix", "no_voice", "interleaved_decoder"} <= set(experiments.ARMS[2])
+    assert experiments.ARMS[2]["no_voice"].overrides == {"stage2.speaker": False}
 
 
 @pytest.mark.parametrize("arm", all_arms(), ids=lambda a: f"stage{a.stage}-{a.name}")
