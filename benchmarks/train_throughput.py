@@ -258,8 +258,7 @@ def build_stage2(run, cfg, device):
 
     s2 = cfg["stage2"]
     rows = data.load_manifest(run)
-    voices = pipeline.run_voices(run, [r["response_speaker"] for r in rows if r["split"] == "train"],
-                                 cfg["token2mel"]["reference_min_s"])
+    voices = pipeline.run_voices(run, ("train",), cfg["token2mel"]["reference_min_s"])
     items, _ = D.load_stage2_items(run, rows, ("train",), s2["max_frames"], voices)
     if not items:
         raise SystemExit(f"run {run.name} has no stage-2 training items; run notebook 06 first")

@@ -337,7 +337,7 @@ def voice_from_wav(wav: np.ndarray, sr: int, min_seconds: float = 1.0) -> torch.
     return speaker_reference(hifigan_log_mel(wav, sr), min_frames=int(round(min_seconds * SAMPLE_RATE / HOP)))
 
 
-def run_voice(run, speaker: str = "", min_seconds: float = 1.0, tries: int = 5) -> torch.Tensor:
+def run_voice(run, speaker: str = "", min_seconds: float = 1.0, tries: int = 5, rows: list[dict] | None = None) -> torch.Tensor:
     """A reply voice from a run's data: the reference of ``speaker``'s longest neutral utterance.
 
     ``speaker = ""`` takes the most frequent reply speaker of the training split. Neutral
@@ -349,7 +349,7 @@ def run_voice(run, speaker: str = "", min_seconds: float = 1.0, tries: int = 5) 
     from .data import load_manifest
     from .token2wav import SpeakerReferenceError
 
-    rows = load_manifest(run)
+    rows = load_manifest(run) if rows is None else rows
     if not speaker:
         counts = Counter(r["response_speaker"] for r in rows if r["split"] == "train")
         if not counts:
@@ -371,13 +371,18 @@ def run_voice(run, speaker: str = "", min_seconds: float = 1.0, tries: int = 5) 
     raise PipelineError(f"no usable voice reference for speaker {speaker!r}: {last}")
 
 
-def run_voices(run, speakers, min_seconds: float = 1.0) -> dict:
-    """``{speaker: run_voice(run, speaker)}``: one neutral reference per speaker (stage 2's voice input).
+def run_voices(run, splits=("train", "val"), min_seconds: float = 1.0) -> dict:
+    """``{speaker: run_voice(run, speaker)}`` for every reply speaker of ``splits`` (stage 2's voice input).
 
     The stage-2 decoder trains on each reply with its speaker's reference, made exactly as the
-    reply voice is at inference, so training and inference see the same kind of vector.
+    reply voice is at inference, so training and inference see the same kind of vector. The
+    manifest is read once.
     """
-    return {speaker: run_voice(run, speaker, min_seconds).numpy() for speaker in sorted(set(speakers))}
+    from .data import load_manifest
+
+    rows = load_manifest(run)
+    speakers = sorted({r["response_speaker"] for r in rows if r["split"] in splits})
+    return {speaker: run_voice(run, speaker, min_seconds, rows=rows).numpy() for speaker in speakers}
 
 
 # ---------------------------------------------------------------------------------------------
