@@ -402,6 +402,8 @@ ROWS: list[Row | DictRows] = [
     Row("06 stage 2", "same with the prior mean mel instead of the flow", "06_stage2.e2e_wer_prior_mel", fmt(".2f")),
     Row("06 stage 2", "end to end: emotion encoder hears the intended reply emotion",
         with_ci("06_stage2.e2e_emotion_accuracy", "06_stage2.e2e_emotion_ci"), fmt_ci(".2f"), "≥ 0.60", bold=True),
+    Row("06 stage 2", "same, majority class of the intended reply emotions (always saying the commonest one)",
+        "06_stage2.e2e_emotion_majority_rate", fmt(".2f")),
     Row("06 stage 2", "same, read from stage 1's emotion plan by the encoder's head (what stage 2 is asked to say)",
         with_ci("06_stage2.e2e_plan_emotion_accuracy", "06_stage2.e2e_plan_emotion_ci"), fmt_ci(".2f")),
     Row("06 stage 2", "end to end: emotion heard = emotion of the plan (stage 2 says what it is asked)",
