@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -1157,7 +1158,9 @@ def plan_emotion(model: EmotionEncoder, vectors: np.ndarray) -> str:
     """The emotion the encoder's utterance head reads in a whole plan (every token pooled); "" if empty.
 
     A stage-1 plan is a sequence of vectors in the encoder's frame space, so the head that names
-    the emotion of an utterance's frames can name the plan's: what stage 2 is asked to say.
+    the emotion of an utterance's frames can be applied to it. It was trained on frames, not on
+    token averages, and misreads them (see ``PlanReader``, which notebook 06 uses to name a
+    plan's emotion); this remains as the head's own reading, which notebook 07 plots per token.
     """
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
@@ -1167,6 +1170,77 @@ def plan_emotion(model: EmotionEncoder, vectors: np.ndarray) -> str:
     with torch.no_grad():
         logits = model.utterance_logits(torch.as_tensor(vectors)[None], torch.ones(1, len(vectors), dtype=torch.bool))
     return EMOTIONS[int(logits[0].argmax())]
+
+
+class PlanReader:
+    """Names the emotion of a whole plan with a classifier fitted on plans, not on audio frames.
+
+    ``plan_emotion`` reads a plan with the encoder's utterance head, which was trained on 50 Hz
+    frames of speech. A plan is something else: one vector per reply token, each the mean of that
+    token's frames (Eq. 2), so pauses and the token-length weighting are gone. On the cpu run the
+    head reads the *DTW targets* of held-out neutral replies (the plans stage 1 is trained to
+    produce, from the recordings) as disgust in 135 of 146, although it reads the frames of the
+    same recordings as neutral in 133 of 146. A reader of plans must be fitted on plans: this one
+    is a standardised multinomial logistic regression on each plan's per-dimension mean and
+    standard deviation over tokens, fitted on the training replies' DTW targets and their
+    response emotions. Its accuracy on held-out targets is the ceiling of what it can tell.
+    """
+
+    def __init__(self, C: float = 1.0, seed: int = 0, max_iter: int = 3000):
+        self.C, self.seed, self.max_iter = float(C), int(seed), int(max_iter)
+        self._model = None
+
+    @staticmethod
+    def features(plans: Sequence[np.ndarray]) -> np.ndarray:
+        """(N, 2 D): per plan, the mean and the standard deviation of its token vectors."""
+        rows = []
+        for k, plan in enumerate(plans):
+            plan = np.asarray(plan, dtype=np.float64)
+            if plan.ndim != 2 or len(plan) == 0:
+                raise ValueError(f"plan {k}: a plan is a non-empty (tokens, dim) array, got shape {plan.shape}")
+            rows.append(np.concatenate([plan.mean(axis=0), plan.std(axis=0)]))
+        if len({len(r) for r in rows}) > 1:
+            raise ValueError("plans of different widths: every plan must live in the same emotion space")
+        return np.stack(rows) if rows else np.zeros((0, 0))
+
+    @property
+    def labels(self) -> list[str]:
+        self._check_fitted()
+        return [str(c) for c in self._model.classes_]
+
+    def _check_fitted(self) -> None:
+        if self._model is None:
+            raise RuntimeError("the plan reader is not fitted: call fit(plans, emotions) first")
+
+    def fit(self, plans: Sequence[np.ndarray], emotions: Sequence[str]) -> "PlanReader":
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        plans, emotions = list(plans), [str(e) for e in emotions]
+        if len(plans) != len(emotions):
+            raise ValueError(f"{len(plans)} plans but {len(emotions)} emotions")
+        if len(set(emotions)) < 2:
+            raise ValueError(f"a reader needs at least two emotions to tell apart; got {sorted(set(emotions))}")
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter,
+                                                                   random_state=self.seed))
+        with warnings.catch_warnings():  # a reader that stops at max_iter is still a valid reader
+            warnings.simplefilter("ignore", category=ConvergenceWarning)
+            model.fit(self.features(plans), emotions)
+        self._model = model
+        return self
+
+    def predict(self, plans: Sequence[np.ndarray]) -> list[str]:
+        """The emotion of each plan; "" for an empty plan (a reply with no tokens)."""
+        self._check_fitted()
+        plans = [np.asarray(p) for p in plans]
+        out = [""] * len(plans)
+        full = [i for i, p in enumerate(plans) if len(p)]
+        if full:
+            for i, label in zip(full, self._model.predict(self.features([plans[i] for i in full]))):
+                out[i] = str(label)
+        return out
 
 
 @torch.no_grad()

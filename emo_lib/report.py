@@ -404,8 +404,11 @@ ROWS: list[Row | DictRows] = [
         with_ci("06_stage2.e2e_emotion_accuracy", "06_stage2.e2e_emotion_ci"), fmt_ci(".2f"), "≥ 0.60", bold=True),
     Row("06 stage 2", "same, majority class of the intended reply emotions (always saying the commonest one)",
         "06_stage2.e2e_emotion_majority_rate", fmt(".2f")),
-    Row("06 stage 2", "same, read from stage 1's emotion plan by the encoder's head (what stage 2 is asked to say)",
+    Row("06 stage 2", "same, read from stage 1's emotion plan by the plan reader (what stage 2 is asked to say)",
         with_ci("06_stage2.e2e_plan_emotion_accuracy", "06_stage2.e2e_plan_emotion_ci"), fmt_ci(".2f")),
+    Row("06 stage 2", "held-out DTW targets (plans made from the recordings): emotion named by the plan reader / "
+        "by the encoder's frame head", ("06_stage2.plan_reader_target_accuracy", "06_stage2.plan_head_target_accuracy"),
+        fmt(".2f")),
     Row("06 stage 2", "end to end: emotion heard = emotion of the plan (stage 2 says what it is asked)",
         "06_stage2.e2e_emotion_accuracy_vs_plan", fmt(".2f")),
     Row("06 stage 2", "end-to-end replies spoken / asked", ("06_stage2.e2e_spoken", "06_stage2.e2e_replies"), fmt("d")),

@@ -105,6 +105,8 @@ def test_stage2_learns_and_speaks_end_to_end(smoke_run):
     assert stage2["val_unit_ce"] < stage2["val_unit_ce_before"] - 0.3
     assert stage2["e2e_spoken"] > 0 and 0.0 <= stage2["e2e_emotion_accuracy"] <= 1.0
     assert 0.0 <= stage2["e2e_plan_emotion_accuracy"] <= 1.0 and 0.0 <= stage2["e2e_emotion_accuracy_vs_plan"] <= 1.0
+    assert 0.0 <= stage2["plan_reader_target_accuracy"] <= 1.0 and 0.0 <= stage2["plan_head_target_accuracy"] <= 1.0
+    assert (run / "stage2" / "e2e_plans.npy").exists()  # the plans, for reading again without stage 1
     assert len(list((run / "stage2" / "e2e").glob("*.wav"))) == stage2["e2e_spoken"]
     assert demo["spoken"] > 0 and demo["first_audio_s_mean"] > 0
     assert 0.0 <= demo["stall_s_mean"] <= demo["stall_s_max"]

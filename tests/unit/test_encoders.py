@@ -344,3 +344,29 @@ def test_a_plan_is_read_with_the_encoders_own_head():
     assert E.plan_emotion(model, vectors[:0]) == ""
     with pytest.raises(ValueError, match="a plan is"):
         E.plan_emotion(model, vectors[0])
+
+
+def test_the_plan_reader_learns_plans_of_separate_emotions_and_says_so_for_bad_input():
+    rng = np.random.default_rng(0)
+    centres = {"neutral": rng.normal(size=8), "sadness": rng.normal(size=8), "disgust": rng.normal(size=8)}
+
+    def plans(n):
+        names = [list(centres)[i % 3] for i in range(n)]
+        return [centres[e] + rng.normal(scale=0.8, size=(int(rng.integers(3, 12)), 8)) for e in names], names
+
+    fit_plans, fit_names = plans(90)
+    reader = E.PlanReader(seed=0).fit(fit_plans, fit_names)
+    held_plans, held_names = plans(60)
+    accuracy = np.mean([a == b for a, b in zip(reader.predict(held_plans), held_names)])
+    assert accuracy > 0.9  # chance is 1/3
+    assert reader.labels == sorted(centres)
+    assert reader.predict([np.zeros((0, 8)), held_plans[0]])[0] == ""
+    assert E.PlanReader.features([np.ones((2, 4))]).shape == (1, 8)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        E.PlanReader().predict(held_plans)
+    with pytest.raises(ValueError, match="two emotions"):
+        E.PlanReader().fit(fit_plans[:3], ["neutral"] * 3)
+    with pytest.raises(ValueError, match="different widths"):
+        E.PlanReader.features([np.ones((2, 4)), np.ones((2, 5))])
+    with pytest.raises(ValueError, match="plans but"):
+        E.PlanReader().fit(fit_plans, fit_names[:-1])
