@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=2 python benchmarks/token2mel_temperature.py --run runs/cpu --split val
     OMP_NUM_THREADS=2 python benchmarks/token2mel_temperature.py --run runs/cpu --split test --setting 1:10 --setting 0:10
+    OMP_NUM_THREADS=2 python benchmarks/token2mel_temperature.py --run runs/cpu --split test --setting 0:10 --utterances 70 --by-emotion
 
 Notebook 05 resynthesizes held-out utterances from their true speech tokens (token2mel + the packaged
 HiFi-GAN) and asks Whisper tiny.en what was said. This script repeats that round trip on a run's
@@ -69,6 +70,21 @@ def choose(utterances: list[dict], references: dict, tokens, split: str, count: 
     return [by_key[k] for k in sorted(keys.tolist())]
 
 
+def emotion_confusion(truth: list[str], heard: list[str]) -> tuple[list[str], list[list]]:
+    """Per true emotion: how many utterances, the share heard as that emotion, and what the rest was heard as."""
+    header = ["true emotion", "utterances", "heard as itself", "heard instead (count)"]
+    rows = []
+    for emotion in sorted(set(truth)):
+        got = [h for t, h in zip(truth, heard) if t == emotion]
+        wrong = {}
+        for h in got:
+            if h != emotion:
+                wrong[h] = wrong.get(h, 0) + 1
+        instead = ", ".join(f"{name} {n}" for name, n in sorted(wrong.items(), key=lambda kv: (-kv[1], kv[0])))
+        rows.append([emotion, str(len(got)), f"{sum(h == emotion for h in got) / len(got):.2f}", instead or "-"])
+    return header, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/cpu", help="a run directory after notebook 05")
@@ -77,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setting", type=parse_setting, action="append",
                         help="TEMPERATURE:STEPS, repeatable (default 1:10 0.5:10 0.25:10 0:10 0:3 0:0)")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed (notebook 05's choice of utterances)")
+    parser.add_argument("--by-emotion", action="store_true",
+                        help="also print, per setting, which emotion each true emotion is heard as")
     args = parser.parse_args(argv)
     settings = args.setting or [(1.0, 10), (0.5, 10), (0.25, 10), (0.0, 10), (0.0, 3), (0.0, 0)]
     run = Path(args.run)
@@ -120,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         label = "prior mean mel (no flow)" if steps == 0 else f"{steps} Euler steps"
         table.append([f"{temperature:g}", label, f"{wer:.3f}", f"{emotion:.3f}", f"{time.perf_counter() - started:.0f}"])
         print(f"temperature {temperature:g}, {label}: WER {wer:.3f}, emotion heard {emotion:.3f}", flush=True)
+        if args.by_emotion:
+            print(text_table(*emotion_confusion([u["emotion"] for u in utterances], list(recognized))), flush=True)
     print(machine_line())
     print(f"{len(utterances)} {args.split} utterances of {run}, resynthesized from their true tokens")
     print(text_table(["temperature", "mel from", "Whisper WER", "emotion heard", "seconds"], table))

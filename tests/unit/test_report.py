@@ -303,3 +303,11 @@ def test_notebook_05_streaming_rows_put_an_old_single_measurement_in_the_cold_ro
     assert all(R.is_missing(v) for v in R.streaming_05(old, cold=False))
     assert R.streaming_05(new, cold=False) == (0.5, 0.8) and R.streaming_05(new, cold=True) == (1.2, 1.4)
     assert all(R.is_missing(v) for v in R.streaming_05({}, cold=True))
+
+
+def test_token2mel_temperature_benchmark_tells_which_emotion_each_is_heard_as():
+    tt = load_benchmark("token2mel_temperature")
+    header, rows = tt.emotion_confusion(["neutral", "neutral", "neutral", "sadness"], ["disgust", "neutral", "disgust", "sadness"])
+    assert header[0] == "true emotion"
+    assert rows == [["neutral", "3", "0.33", "disgust 2"], ["sadness", "1", "1.00", "-"]]
+
