@@ -1231,6 +1231,26 @@ class PlanReader:
         self._model = model
         return self
 
+    def predict_proba(self, plans: Sequence[np.ndarray]) -> np.ndarray:
+        """(N, len(labels)) probabilities, columns in ``labels`` order; every plan must be non-empty."""
+        self._check_fitted()
+        plans = list(plans)
+        if not plans:
+            return np.zeros((0, len(self.labels)))
+        return self._model.predict_proba(self.features(plans))
+
+    def token_probabilities(self, plan: np.ndarray, window: int = 5) -> np.ndarray:
+        """(tokens, len(labels)): for token i, the reading of the ``window`` tokens centred on i.
+
+        The reader was fitted on whole plans, so a short window is a rougher reading (its spread
+        rests on a few vectors); it shows where in a reply the plan changes. (0, n) if empty.
+        """
+        plan = np.asarray(plan, dtype=np.float32)
+        if plan.ndim != 2:
+            raise ValueError(f"a plan is (tokens, dim), got shape {plan.shape}")
+        half = max(0, window // 2)
+        return self.predict_proba([plan[max(0, i - half) : i + half + 1] for i in range(len(plan))])
+
     def predict(self, plans: Sequence[np.ndarray]) -> list[str]:
         """The emotion of each plan; "" for an empty plan (a reply with no tokens)."""
         self._check_fitted()

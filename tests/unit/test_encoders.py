@@ -361,6 +361,13 @@ def test_the_plan_reader_learns_plans_of_separate_emotions_and_says_so_for_bad_i
     assert accuracy > 0.9  # chance is 1/3
     assert reader.labels == sorted(centres)
     assert reader.predict([np.zeros((0, 8)), held_plans[0]])[0] == ""
+    probs = reader.predict_proba(held_plans[:4])
+    assert probs.shape == (4, 3) and np.allclose(probs.sum(1), 1.0)
+    assert [reader.labels[i] for i in probs.argmax(1)] == reader.predict(held_plans[:4])
+    per_token = reader.token_probabilities(held_plans[0], window=3)
+    assert per_token.shape == (len(held_plans[0]), 3)
+    np.testing.assert_allclose(per_token[1], reader.predict_proba([held_plans[0][0:3]])[0])  # token 1 reads 0..2
+    assert reader.token_probabilities(np.zeros((0, 8))).shape == (0, 3)
     assert E.PlanReader.features([np.ones((2, 4))]).shape == (1, 8)
     with pytest.raises(RuntimeError, match="not fitted"):
         E.PlanReader().predict(held_plans)
