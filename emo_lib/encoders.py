@@ -1160,7 +1160,7 @@ def plan_emotion(model: EmotionEncoder, vectors: np.ndarray) -> str:
     A stage-1 plan is a sequence of vectors in the encoder's frame space, so the head that names
     the emotion of an utterance's frames can be applied to it. It was trained on frames, not on
     token averages, and misreads them (see ``PlanReader``, which notebook 06 uses to name a
-    plan's emotion); this remains as the head's own reading, which notebook 07 plots per token.
+    plan's emotion and notebook 07 plots per token); this remains as the head's own reading.
     """
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:

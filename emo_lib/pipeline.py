@@ -371,6 +371,20 @@ def run_voice(run, speaker: str = "", min_seconds: float = 1.0, tries: int = 5, 
     raise PipelineError(f"no usable voice reference for speaker {speaker!r}: {last}")
 
 
+def fit_plan_reader(run, rows: list[dict], seed: int = 0):
+    """An ``encoders.PlanReader`` fitted on the DTW targets of the run's *training* replies (notebook 03).
+
+    ``rows`` are manifest rows; those of the train split with a target are used, each labelled with
+    its response emotion. A missing target store names notebook 03.
+    """
+    from .encoders import PlanReader
+    from .store import FrameStore
+
+    targets = FrameStore(run.require(run.root / "features" / "trajectories.npy", "trajectories"))
+    fit_rows = [r for r in rows if r["split"] == "train" and r["pair_id"] in targets]
+    return PlanReader(seed=seed).fit([targets[r["pair_id"]] for r in fit_rows], [r["response_emotion"] for r in fit_rows])
+
+
 def run_voices(run, splits=("train", "val"), min_seconds: float = 1.0) -> dict:
     """``{speaker: run_voice(run, speaker)}`` for every reply speaker of ``splits`` (stage 2's voice input).
 

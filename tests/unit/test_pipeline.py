@@ -386,3 +386,24 @@ def test_playback_stalls_count_the_silence_while_a_late_piece_is_awaited():
     assert P.playback_stalls([(0.2, 0.0, 1.0), (0.4, 1.0, 1.0)]) == 0.0  # faster than real time: no break
     assert P.playback_stalls([(0.3, 0.0, 0.1), (1.3, 0.1, 5.0)]) == pytest.approx(0.9)  # a short first piece
     assert P.playback_stalls([]) == 0.0
+
+
+def test_fit_plan_reader_uses_the_training_replies_targets_and_names_notebook_03(tmp_path):
+    from emo_lib.paths import RunDir
+    from emo_lib.pipeline import fit_plan_reader
+    from emo_lib.store import write_frame_store
+
+    run = RunDir("plans", root=tmp_path).make()
+    with pytest.raises(FileNotFoundError, match="03"):
+        fit_plan_reader(run, [])
+    rng = np.random.default_rng(0)
+    centres = {"neutral": np.zeros(4), "sadness": np.full(4, 3.0)}
+    rows = [{"pair_id": f"p{i}", "split": "train" if i < 20 else "test", "response_emotion": list(centres)[i % 2]}
+            for i in range(26)]
+    write_frame_store(run.root / "features" / "trajectories.npy",
+                      ((r["pair_id"], centres[r["response_emotion"]] + rng.normal(scale=0.3, size=(5, 4))) for r in rows))
+    reader = fit_plan_reader(run, rows, seed=0)
+    held = [r for r in rows if r["split"] == "test"]
+    from emo_lib.store import FrameStore
+    targets = FrameStore(run.root / "features" / "trajectories.npy")
+    assert reader.predict([targets[r["pair_id"]] for r in held]) == [r["response_emotion"] for r in held]
