@@ -34,23 +34,9 @@ import torch
 
 from emo_lib import speech_tokens as S
 from emo_lib.content_probe import CTCProbe, fit_content_probe
-from emo_lib.paths import read_jsonl
 from emo_lib.report import machine_line, text_table
 from emo_lib.session import seed_everything
 from emo_lib.store import FrameStore
-
-
-def utterances(run: Path, tokens: FrameStore, semantic: FrameStore) -> list[dict]:
-    """Every kept utterance with tokens and frames: key, split and transcript."""
-    rows = []
-    for row in read_jsonl(run / "data" / "manifest.jsonl"):
-        if not row.get("kept", True):
-            continue
-        for role, tag in (("query", "q"), ("response", "r")):
-            key = f"{row['pair_id']}_{tag}"
-            if key in tokens and key in semantic:
-                rows.append({"key": key, "split": row.get("split"), "text": row[f"{role}_text"]})
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(args.seed)
     tokens, semantic = FrameStore(needed[0]), FrameStore(needed[1])
     run_units = S.KMeansUnits.load(needed[3]).n_units
-    everyone = utterances(run, tokens, semantic)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from token2mel_temperature import manifest_utterances  # notebook 05's table of tokenized utterances
+
+    everyone = [u for u in manifest_utterances(run, tokens) if u["key"] in semantic]
     train = [u for u in everyone if u["split"] == "train"]
     test = [u for u in everyone if u["split"] == "test"]
     if not train or not test:
