@@ -2,11 +2,12 @@
 
     OMP_NUM_THREADS=2 python benchmarks/unit_content.py --run runs/cpu
     OMP_NUM_THREADS=2 python benchmarks/unit_content.py --run runs/cpu --units 1024 --steps 800
+    OMP_NUM_THREADS=2 python benchmarks/unit_content.py --run runs/cpu --units 1024 --inputs fitted
 
 Notebook 05 resynthesizes held-out speech from its true tokens, and Whisper mishears a large share of
 the words (resynthesis WER). Two causes are possible: token2mel draws the words badly, or the
 tokens do not hold them. This script measures the second without any synthesis. For each kind of
-input, the same small CTC probe (``emo_lib.content_probe``: a 2-layer bidirectional GRU) learns to
+input, the same small CTC probe (``emo_lib.content_probe``: residual dilated 1-D convolutions) learns to
 spell the transcript from the 25 Hz sequence alone, on the run's training utterances, at one
 budget; its character error rate (CER) is measured on the test split (held-out voices):
 
@@ -14,6 +15,9 @@ budget; its character error rate (CER) is measured on the test split (held-out v
   pooled as in notebook 05): the reference, what the tokens could hold at best at this rate;
 - ``content units (K)``: the run's k-means unit ids, and, with ``--units``, units of other sizes
   fitted here on the run's training frames as notebook 05 fits them;
+- ``centroids``: each unit replaced by its k-means centroid (the quantised frame), read like the
+  frames: no embedding table to learn, so unit counts compare at one probe budget (a learned
+  embedding of 1 024 ids sees each id 4x less often than one of 256);
 - ``units + pitch + energy``: the three streams token2mel reads;
 - ``pitch + energy only``: a control that holds no words (its CER shows what spelling from
   rhythm and loudness alone gives).
@@ -39,17 +43,22 @@ from emo_lib.session import seed_everything
 from emo_lib.store import FrameStore
 
 
+INPUT_KINDS = ("frames", "units", "fitted", "centroids", "streams", "control")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/cpu", help="a run directory after notebook 05")
     parser.add_argument("--units", type=int, nargs="*", default=[], help="other unit counts to fit and probe")
     parser.add_argument("--steps", type=int, default=600, help="probe training steps (one budget for every input)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=128, help="probe GRU width")
+    parser.add_argument("--hidden", type=int, default=128, help="probe channel width")
     parser.add_argument("--test-utterances", type=int, default=200, help="held-out utterances scored (seeded)")
     parser.add_argument("--kmeans-frames", type=int, default=100_000, help="frames to fit --units on (preset default)")
     parser.add_argument("--kmeans-iters", type=int, default=20, help="Lloyd iterations for --units (preset default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--inputs", nargs="+", choices=INPUT_KINDS, default=list(INPUT_KINDS),
+                        help="which probe inputs to train (default: all)")
     args = parser.parse_args(argv)
 
     run = Path(args.run)
@@ -75,23 +84,38 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     pooled = {u["key"]: S.pool_to_unit_rate(semantic[u["key"]]) for u in train + test}
     streams = {u["key"]: np.asarray(tokens[u["key"]]).astype(np.int64) for u in train + test}
-    inputs: dict[str, tuple[dict, dict]] = {
-        "Whisper frames pooled to 25 Hz (before k-means)": (pooled, {"feature_dim": int(semantic.dim)}),
-        f"content units ({run_units}, the run's)": ({k: v[:, :1] for k, v in streams.items()},
-                                                    {"vocab_sizes": [run_units]}),
-    }
-    for k in args.units:
+    # (kind, name, sequences by key, what CTCProbe reads)
+    inputs: list[tuple[str, str, dict, dict]] = [
+        ("frames", "Whisper frames pooled to 25 Hz (before k-means)", pooled, {"feature_dim": int(semantic.dim)}),
+        ("units", f"content units ({run_units}, the run's)", {k: v[:, :1] for k, v in streams.items()},
+         {"vocab_sizes": [run_units]}),
+    ]
+    def centroid_frames(kmeans: S.KMeansUnits, units_by_key: dict) -> dict:
+        """Each unit replaced by its k-means centroid, back in the frames' scale: the quantised frames."""
+        table = (kmeans.centroids * kmeans.std + kmeans.mean).numpy().astype(np.float32)
+        return {key: table[ids[:, 0]] for key, ids in units_by_key.items()}
+
+    run_kmeans = S.KMeansUnits.load(needed[3])
+    if "centroids" in args.inputs:
+        inputs.append(("centroids", f"centroids of the {run_units} units (quantised frames)",
+                       centroid_frames(run_kmeans, {k: v[:, :1] for k, v in streams.items()}),
+                       {"feature_dim": int(semantic.dim)}))
+    for k in args.units if {"fitted", "centroids"} & set(args.inputs) else []:
         sample = S.sample_store_frames(semantic, [u["key"] for u in train], args.kmeans_frames, seed=args.seed)
         kmeans = S.KMeansUnits().fit(sample, n_units=k, iters=args.kmeans_iters, seed=args.seed,
                                      max_samples=len(sample))
-        inputs[f"content units ({k}, fitted here)"] = (
-            {key: kmeans.encode(frames)[:, None] for key, frames in pooled.items()}, {"vocab_sizes": [k]})
-    inputs["units + pitch + energy (token2mel's input)"] = (streams, {"vocab_sizes": [run_units, S.PITCH_BINS,
-                                                                                       S.ENERGY_BINS]})
-    inputs["pitch + energy only (control: no words)"] = ({k: v[:, 1:] for k, v in streams.items()},
-                                                         {"vocab_sizes": [S.PITCH_BINS, S.ENERGY_BINS]})
+        ids = {key: kmeans.encode(frames)[:, None] for key, frames in pooled.items()}
+        inputs.append(("fitted", f"content units ({k}, fitted here)", ids, {"vocab_sizes": [k]}))
+        inputs.append(("centroids", f"centroids of {k} units (fitted here)", centroid_frames(kmeans, ids),
+                       {"feature_dim": int(semantic.dim)}))
+    inputs.append(("streams", "units + pitch + energy (token2mel's input)", streams,
+                   {"vocab_sizes": [run_units, S.PITCH_BINS, S.ENERGY_BINS]}))
+    inputs.append(("control", "pitch + energy only (control: no words)", {k: v[:, 1:] for k, v in streams.items()},
+                   {"vocab_sizes": [S.PITCH_BINS, S.ENERGY_BINS]}))
     table = []
-    for name, (frames, kind) in inputs.items():
+    for kind_of, name, frames, kind in inputs:
+        if kind_of not in args.inputs:
+            continue
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
         probe = CTCProbe(hidden=args.hidden, **kind)
