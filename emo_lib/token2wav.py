@@ -289,6 +289,7 @@ class Token2MelConfig:
 
 
 SOLVERS = ("euler", "midpoint")
+UNIT_INITS = ("random", "centroids")  # how token2mel's unit embedding table starts (preset token2mel.unit_init)
 SAMPLING_ONLY = ("temperature",)  # config keys that change synthesis, not training: resuming may change them
 ENCODERS = ("transformer", "conv")
 
@@ -689,6 +690,45 @@ class Token2Mel(nn.Module):
                 raise Token2MelError(f"token2mel tensor {k} has shape {tuple(v.shape)} in the checkpoint but "
                                      f"{tuple(own[k].shape)} in this model (another dim or vocabulary?)")
         self.load_state_dict(state)
+
+    def init_unit_embedding(self, centroids) -> None:
+        """Start the unit embedding table from the k-means centroids instead of random vectors.
+
+        Unit ids are arbitrary labels, but the units are points in Whisper's frame space: unit 17
+        may sound almost like unit 203. A random table hides that, and token2mel must learn it
+        from data, unit by unit (the rarer a unit, the worse). Here each row starts as its
+        centroid's coordinates on the centroids' top principal directions (PCA to ``dim``, or
+        fewer, padded with zeros), scaled to unit variance like ``nn.Embedding``'s default, so
+        units that sound alike start alike. The table stays trainable.
+        ``benchmarks/unit_content.py`` measures why: a probe reading the centroids spells the words
+        far better than one learning a table for the same ids at the same budget.
+        """
+        c = self.config
+        centroids = torch.as_tensor(np.asarray(centroids) if not torch.is_tensor(centroids) else centroids,
+                                    dtype=torch.float32).detach().cpu()
+        if centroids.dim() != 2 or centroids.shape[0] != c.n_units:
+            raise Token2MelError(f"need one centroid per unit, ({c.n_units}, D), got {tuple(centroids.shape)}: "
+                                 f"the k-means and token2mel disagree on the vocabulary")
+        if not torch.isfinite(centroids).all():
+            raise Token2MelError("the centroids hold NaN or inf: refit the k-means")
+        centered = centroids - centroids.mean(0, keepdim=True)
+        _, _, vt = torch.linalg.svd(centered.double(), full_matrices=False)
+        k = min(c.dim, vt.shape[0])
+        coords = (centered.double() @ vt[:k].T).float()  # (n_units, k), decreasing variance
+        table = torch.zeros(c.n_units, c.dim)
+        table[:, :k] = coords / coords.std().clamp(min=1e-8)
+        with torch.no_grad():
+            self.unit_embedding.weight.copy_(table.to(self.unit_embedding.weight.device))
+
+    def start_unit_embedding(self, how: str, centroids=None) -> None:
+        """Apply the preset's ``token2mel.unit_init``: ``random`` keeps the default table, ``centroids``
+        calls ``init_unit_embedding(centroids)`` (the k-means centroids of the run's units)."""
+        if how not in UNIT_INITS:
+            raise Token2MelError(f"token2mel.unit_init must be one of {UNIT_INITS}, got {how!r}")
+        if how == "centroids":
+            if centroids is None:
+                raise Token2MelError("token2mel.unit_init = 'centroids' needs the k-means centroids (notebook 05)")
+            self.init_unit_embedding(centroids)
 
     # -- conditioning ------------------------------------------------------------------------------
     def _check_ids(self, name: str, ids: torch.Tensor, size: int) -> None:

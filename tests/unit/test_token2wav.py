@@ -641,3 +641,46 @@ def test_stream_speech_streams_the_offline_mel_and_times_the_first_audio():
     rms = lambda x: float(np.sqrt(np.mean(x**2)))
     errors = [rms(out.audio - reference) / rms(reference) for out in (by_chunk, blocked)]
     assert errors[1] <= errors[0] < 1e-3  # fewer seams in blocks; both close to offline vocoding
+
+
+# -- the unit embedding table from the k-means centroids ------------------------------------------
+def test_centroid_init_keeps_which_units_sound_alike():
+    """After init_unit_embedding, units close in Whisper's space are close in the table (PCA keeps the geometry)."""
+    rng = np.random.default_rng(3)
+    # 12 centroids in 4 well-separated families of 3 (a 40-d frame space), as k-means gives for phone-like states
+    families = rng.normal(0, 5.0, (4, 40))
+    centroids = np.repeat(families, 3, axis=0) + rng.normal(0, 0.3, (N_UNITS, 40))
+    model = tiny_model()
+    random_table = model.unit_embedding.weight.detach().clone()
+    model.start_unit_embedding("centroids", torch.as_tensor(centroids, dtype=torch.float32))
+    table = model.unit_embedding.weight.detach()
+    assert table.shape == (N_UNITS, 32) and torch.isfinite(table).all()
+    assert abs(float(table[:, :N_UNITS].std()) - 1.0) < 0.05  # the scale of nn.Embedding's default init
+    assert torch.count_nonzero(table[:, N_UNITS:]) == 0  # 12 centroids span at most 11 directions: the rest is zero
+
+    def nearest_is_in_family(t: torch.Tensor) -> float:
+        d = torch.cdist(t, t) + torch.eye(N_UNITS) * 1e9
+        return float((d.argmin(1) // 3 == torch.arange(N_UNITS) // 3).float().mean())
+
+    assert nearest_is_in_family(table) == 1.0  # every unit's nearest neighbour is of its own family
+    assert nearest_is_in_family(random_table) < 0.5  # a random table knows nothing of it
+    # pairwise distances follow the centroids' (PCA keeps all the variance when dim >= n_units)
+    d_table = torch.pdist(table).numpy()
+    d_centroids = torch.pdist(torch.as_tensor(centroids)).numpy()
+    assert np.corrcoef(d_table, d_centroids)[0, 1] > 0.999
+    assert any(p is model.unit_embedding.weight for p in model.parameter_groups()["token2mel"])  # still trained
+
+
+def test_centroid_init_refuses_a_mismatched_vocabulary_and_unknown_choices():
+    model = tiny_model()
+    before = model.unit_embedding.weight.detach().clone()
+    with pytest.raises(T.Token2MelError, match="one centroid per unit"):
+        model.init_unit_embedding(torch.randn(N_UNITS + 1, 40))
+    with pytest.raises(T.Token2MelError, match="NaN"):
+        model.init_unit_embedding(torch.full((N_UNITS, 40), float("nan")))
+    with pytest.raises(T.Token2MelError, match="unit_init must be one of"):
+        model.start_unit_embedding("pca")
+    with pytest.raises(T.Token2MelError, match="needs the k-means centroids"):
+        model.start_unit_embedding("centroids")
+    model.start_unit_embedding("random", torch.randn(N_UNITS, 40))  # the default: the table is left alone
+    assert torch.equal(model.unit_embedding.weight.detach(), before)
