@@ -16,7 +16,9 @@ answered first and not counted (warm-up: lazy initialisation, first-call allocat
 - ``--block-frames``: one or more values of ``synthesis.vocoder_block_frames`` (mel frames per vocoder
   call after the first chunk), each measured on the same queries: bigger blocks re-run less vocoder
   context (cheaper), but the second piece of audio comes later (stalls).
-- offline / first audio: how much sooner the streamed reply starts than an offline one would.
+- offline / first audio: how much sooner the streamed reply starts than an offline one would;
+- ``--breakdown``: where the compute goes, per stage (query encoders, LLM tokens, stage-2 decoder,
+  token2mel, HiFi-GAN), as seconds per second of reply audio: the stages' RTF shares.
 """
 from __future__ import annotations
 
@@ -50,6 +52,63 @@ def stream_once(omni, wav: np.ndarray, sr: int) -> dict:
 def offline_once(omni, wav: np.ndarray, sr: int) -> float:
     """Compute seconds of the same reply without streaming (all audio arrives at the end)."""
     return float(omni.respond_offline(wav, sr)["seconds"])
+
+
+STAGES = {  # stage name -> (object path in the pipeline module or on omni, method names)
+    "query encoders (Whisper + emotion)": ("omni", ("listen",)),
+    "stage 1: LLM tokens + emotion head": ("omni.stage1", ("stream_reply",)),
+    "stage 2: speech decoder": ("StreamingDecoder", ("push", "finish")),
+    "token2mel (flow matching)": ("IncrementalToken2Mel", ("push", "finish")),
+    "HiFi-GAN vocoder": ("IncrementalVocoder", ("push", "finish")),
+}
+
+
+def install_stage_timers(omni, pipeline_module) -> dict[str, float]:
+    """Wrap each stage's entry points with a wall-clock timer; returns the dict the timers add to.
+
+    The stages do not call each other (the pipeline's event loop calls each in turn), so their times
+    add up to about the reply's compute time; a generator (stage 1) is timed inside each ``next``.
+    """
+    import functools
+    import inspect
+    import time
+
+    totals = {name: 0.0 for name in STAGES}
+
+    def timed(function, name):
+        if inspect.isgeneratorfunction(function):
+            @functools.wraps(function)
+            def generator(*args, **kwargs):
+                inner = function(*args, **kwargs)
+                while True:
+                    t0 = time.perf_counter()
+                    try:
+                        item = next(inner)
+                    except StopIteration:
+                        return
+                    finally:
+                        totals[name] += time.perf_counter() - t0
+                    yield item
+            return generator
+
+        @functools.wraps(function)
+        def plain(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                totals[name] += time.perf_counter() - t0
+        return plain
+
+    for name, (where, methods) in STAGES.items():
+        for method in methods:
+            if where.startswith("omni"):
+                owner = omni.stage1 if where == "omni.stage1" else omni
+                setattr(owner, method, timed(getattr(owner, method), name))  # this instance only
+            else:
+                cls = getattr(pipeline_module, where)
+                setattr(cls, method, timed(getattr(cls, method), name))
+    return totals
 
 
 def summarize(records: list[dict]) -> dict:
@@ -98,6 +157,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--block-frames", type=int, nargs="+", default=None,
                         help="synthesis.vocoder_block_frames values to compare (default: the preset's)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="time each stage of the streamed replies (seconds per second of reply audio)")
     args = parser.parse_args(argv)
 
     import torch
@@ -116,18 +177,33 @@ def main(argv=None) -> int:
     print(f"run {run.root} | preset {cfg.name} | device {device} | torch threads {torch.get_num_threads()}")
     omni = pipeline.EmotionOmni.from_run(run, cfg, device)
     queries = pick_queries(data.load_manifest(run), args.replies, cfg["seed"])
+    totals = install_stage_timers(omni, pipeline) if args.breakdown else None
     for block_frames in args.block_frames or [omni.vocoder_block_frames]:
         omni.vocoder_block_frames = int(block_frames)
         records = []
+        counted = {name: 0.0 for name in STAGES}
         for k, row in enumerate(queries):
             wav, sr = load_audio(run.root / row["query_wav"])
+            before = dict(totals) if totals is not None else None
             record = stream_once(omni, wav, sr)
+            if totals is not None and k > 0:
+                for name in STAGES:
+                    counted[name] += totals[name] - before[name]
             if not args.no_offline:
                 record["offline_s"] = offline_once(omni, wav, sr)
             if k > 0:  # the first reply is the warm-up
                 records.append(record)
         print(f"\nvocoder blocks of >= {block_frames} mel frames after the first chunk")
         print(format_report(records, summarize(records)))
+        if totals is not None:
+            audio_s = sum(r["audio_s"] for r in records)
+            compute_s = sum(r["seconds"] for r in records)
+            rows = [[name, f"{seconds:.2f}", f"{seconds / audio_s:.3f}" if audio_s else "",
+                     f"{seconds / compute_s:.0%}" if compute_s else ""] for name, seconds in counted.items()]
+            rows.append(["all stages (timed) / the replies' compute", f"{sum(counted.values()):.2f} / {compute_s:.2f}",
+                         f"{sum(counted.values()) / audio_s:.3f}" if audio_s else "", ""])
+            print(f"\nwhere the streamed replies' compute goes ({audio_s:.1f} s of reply audio)")
+            print(text_table(["stage", "seconds", "seconds per audio second (RTF share)", "share"], rows))
     return 0
 
 
