@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{path} is missing: run notebooks 01, 02 and 05 for {run} first")
     seed_everything(args.seed)
     tokens, semantic = FrameStore(needed[0]), FrameStore(needed[1])
-    run_units = S.KMeansUnits.load(needed[3]).n_units
+    run_kmeans = S.KMeansUnits.load(needed[3])
+    run_units = run_kmeans.n_units
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from token2mel_temperature import manifest_utterances  # notebook 05's table of tokenized utterances
 
@@ -84,24 +85,25 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     pooled = {u["key"]: S.pool_to_unit_rate(semantic[u["key"]]) for u in train + test}
     streams = {u["key"]: np.asarray(tokens[u["key"]]).astype(np.int64) for u in train + test}
+    run_ids = {k: v[:, :1] for k, v in streams.items()}
     # (kind, name, sequences by key, what CTCProbe reads)
     inputs: list[tuple[str, str, dict, dict]] = [
         ("frames", "Whisper frames pooled to 25 Hz (before k-means)", pooled, {"feature_dim": int(semantic.dim)}),
-        ("units", f"content units ({run_units}, the run's)", {k: v[:, :1] for k, v in streams.items()},
-         {"vocab_sizes": [run_units]}),
+        ("units", f"content units ({run_units}, the run's)", run_ids, {"vocab_sizes": [run_units]}),
     ]
+
     def centroid_frames(kmeans: S.KMeansUnits, units_by_key: dict) -> dict:
         """Each unit replaced by its k-means centroid, back in the frames' scale: the quantised frames."""
         table = (kmeans.centroids * kmeans.std + kmeans.mean).numpy().astype(np.float32)
         return {key: table[ids[:, 0]] for key, ids in units_by_key.items()}
 
-    run_kmeans = S.KMeansUnits.load(needed[3])
     if "centroids" in args.inputs:
         inputs.append(("centroids", f"centroids of the {run_units} units (quantised frames)",
-                       centroid_frames(run_kmeans, {k: v[:, :1] for k, v in streams.items()}),
-                       {"feature_dim": int(semantic.dim)}))
-    for k in args.units if {"fitted", "centroids"} & set(args.inputs) else []:
+                       centroid_frames(run_kmeans, run_ids), {"feature_dim": int(semantic.dim)}))
+    fitted_counts = args.units if {"fitted", "centroids"} & set(args.inputs) else []
+    if fitted_counts:  # one frame sample for every unit count, as notebook 05 draws it
         sample = S.sample_store_frames(semantic, [u["key"] for u in train], args.kmeans_frames, seed=args.seed)
+    for k in fitted_counts:
         kmeans = S.KMeansUnits().fit(sample, n_units=k, iters=args.kmeans_iters, seed=args.seed,
                                      max_samples=len(sample))
         ids = {key: kmeans.encode(frames)[:, None] for key, frames in pooled.items()}
