@@ -263,6 +263,36 @@ class SpeechLLM(nn.Module):
         self.register_buffer("suffix_ids", torch.tensor(suffix), persistent=False)
         self.end_id = end_of_turn_id(tokenizer)
 
+    # -- inference speed: LoRA folded into the frozen weights -----------------------------------
+    @property
+    def lora_merged(self) -> bool:
+        """Are LoRA updates folded into the weights now? Read from peft's layers: peft itself unmerges
+        them inside ``llm.disable_adapter()`` (the text cascade's base backbone)."""
+        return any(bool(m.merged_adapters) for m in self.llm.modules() if hasattr(m, "merged_adapters"))
+
+    def merge_lora(self) -> "SpeechLLM":
+        """Fold every LoRA update into its frozen weight, W <- W + (alpha / r) B A, and switch to eval mode.
+
+        The function is the same (up to float rounding), but each adapted projection costs one
+        matrix product instead of three plus a dropout module: on 2 CPU cores a reply token of
+        the 135M backbone takes about 30 % less time (README, "Benchmarks"). Inference only:
+        ``train()`` unmerges first, so training always updates the factors the forward pass uses.
+        """
+        self.eval()
+        if not self.lora_merged:
+            self.llm.merge_adapter()
+        return self
+
+    def unmerge_lora(self) -> None:
+        """Undo ``merge_lora`` (W <- W - (alpha / r) B A); a no-op when nothing is merged."""
+        if self.lora_merged:
+            self.llm.unmerge_adapter()
+
+    def train(self, mode: bool = True) -> "SpeechLLM":
+        if mode:
+            self.unmerge_lora()
+        return super().train(mode)
+
     def set_target_stats(self, examples: list[Stage1Example]) -> None:
         """Per-dimension mean and standard deviation of the training trajectories (floor 1e-3)."""
         vectors = np.concatenate([e.trajectory for e in examples if e.trajectory is not None])
@@ -541,6 +571,8 @@ class SpeechLLM(nn.Module):
                 "target_mean": self.target_mean.cpu().clone(), "target_std": self.target_std.cpu().clone()}
 
     def load_trainable_state(self, state: dict) -> None:
+        merged = self.lora_merged
+        self.unmerge_lora()  # the merged weights hold the old factors: take them out before replacing them
         named = dict(self.llm.named_parameters())
         missing = [n for n in named if "lora_" in n and n not in state["lora"]]
         unexpected = [n for n in state["lora"] if n not in named]
@@ -556,6 +588,8 @@ class SpeechLLM(nn.Module):
         self.head.load_state_dict(state["head"])
         self.target_mean.copy_(state["target_mean"])
         self.target_std.copy_(state["target_std"])
+        if merged:
+            self.merge_lora()
 
 
 def apply_lora(llm, config: Stage1Config):
@@ -621,8 +655,12 @@ def check_checkpoint_config(saved: dict, config: Stage1Config, path) -> None:
             )
 
 
-def load_stage1(path, device: str = "cpu", llm=None, tokenizer=None) -> SpeechLLM:
-    """A trained stage-1 model from a checkpoint written by notebook 04 (eval mode)."""
+def load_stage1(path, device: str = "cpu", llm=None, tokenizer=None, merge_lora: bool = True) -> SpeechLLM:
+    """A trained stage-1 model from a checkpoint written by notebook 04 (eval mode).
+
+    ``merge_lora`` folds the LoRA factors into the backbone's weights for faster inference
+    (``SpeechLLM.merge_lora``); calling ``train()`` on the model undoes it.
+    """
     from .train import CheckpointError, load_checkpoint
 
     payload = load_checkpoint(path, STAGE1_NOTEBOOK)
@@ -638,7 +676,8 @@ def load_stage1(path, device: str = "cpu", llm=None, tokenizer=None) -> SpeechLL
         model.load_trainable_state(payload["state"])
     except (ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: {err}; run {STAGE1_NOTEBOOK} again.") from err
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    return model.merge_lora() if merge_lora else model
 
 
 def trajectory_cosine(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:

@@ -212,6 +212,44 @@ def test_stage1_checkpoint_round_trip(tokenizer, tmp_path):
         L.load_stage1(tmp_path / "bad.pt", llm=tiny_llm(tokenizer), tokenizer=tokenizer)
 
 
+def test_merged_lora_gives_the_same_outputs_and_training_unmerges_it(tokenizer):
+    model = tiny_model(tokenizer).eval()
+    with torch.no_grad():
+        for p in model.parameter_groups()["lora"]:
+            p.normal_(std=0.3)  # B starts at zero: make the update large enough to matter
+    e = [example(tokenizer, "a")]
+    with torch.no_grad():
+        before = model(e)
+        replies = model.generate(e, max_new_tokens=6)  # unmerged
+        merged_model = model.merge_lora()
+        assert merged_model is model and model.lora_merged and not model.training
+        weight = model.llm.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+        after = model(e)
+    torch.testing.assert_close(after["emotion"], before["emotion"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(after["ce"], before["ce"], atol=1e-4, rtol=1e-4)
+    model.train()  # training must see the factors, not weights with an update folded in
+    assert not model.lora_merged
+    restored = model.llm.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert not torch.allclose(restored, weight)
+    with torch.no_grad():
+        merged_replies = model.eval().merge_lora().generate(e, max_new_tokens=6)
+    assert replies[0]["token_ids"] == merged_replies[0]["token_ids"]
+    # the text cascade switches LoRA off: inside, the base backbone; after, the LoRA model again
+    with torch.no_grad():
+        with model.llm.disable_adapter():
+            base = model(e)
+        assert not torch.allclose(base["ce"], before["ce"], atol=1e-3)
+        torch.testing.assert_close(model(e)["ce"], before["ce"], atol=1e-4, rtol=1e-4)
+        assert model.merge_lora().lora_merged
+    # a checkpoint loaded into a merged model replaces the factors in the weights too
+    state = model.trainable_state()
+    other = tiny_model(tokenizer).eval().merge_lora()
+    other.load_trainable_state(state)
+    assert other.lora_merged
+    with torch.no_grad():
+        torch.testing.assert_close(other(e)["emotion"], before["emotion"], atol=1e-4, rtol=1e-4)
+
+
 def test_batch_order_is_a_pure_function_of_seed_and_epoch():
     lengths = list(np.random.default_rng(0).integers(10, 100, 50))
     a = T.batch_order(lengths, 4, seed=1, epoch=0)
