@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=2 python benchmarks/streaming.py --run runs/cpu --replies 5
     OMP_NUM_THREADS=2 python benchmarks/streaming.py --run runs/cpu --no-offline --block-frames 48 96
+    OMP_NUM_THREADS=2 python benchmarks/streaming.py --run runs/cpu --no-offline --vocoder-precision float32 bfloat16
 
 Loads a run's trained system as notebook 07 does (``EmotionOmni.from_run``: stage 1, the stage-2
 decoder, token2mel, HiFi-GAN, Whisper's encoder and the emotion encoder), then answers ``--replies``
@@ -16,6 +17,10 @@ answered first and not counted (warm-up: lazy initialisation, first-call allocat
 - ``--block-frames``: one or more values of ``synthesis.vocoder_block_frames`` (mel frames per vocoder
   call after the first chunk), each measured on the same queries: bigger blocks re-run less vocoder
   context (cheaper), but the second piece of audio comes later (stalls).
+- ``--vocoder-precision``: one or more of float32, bfloat16, auto (``synthesis.vocoder_precision``), each
+  measured on the same queries (with every ``--block-frames`` value);
+- ``--unmerged-lora``: keep stage 1's LoRA factors apart from the backbone's weights, as before
+  ``SpeechLLM.merge_lora`` (to measure what merging saves);
 - offline / first audio: how much sooner the streamed reply starts than an offline one would;
 - ``--breakdown``: where the compute goes, per stage (query encoders, LLM tokens, stage-2 decoder,
   token2mel, HiFi-GAN), as seconds per second of reply audio: the stages' RTF shares.
@@ -157,6 +162,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--block-frames", type=int, nargs="+", default=None,
                         help="synthesis.vocoder_block_frames values to compare (default: the preset's)")
+    parser.add_argument("--vocoder-precision", nargs="+", default=None, choices=["float32", "bfloat16", "auto"],
+                        help="synthesis.vocoder_precision values to compare (default: the preset's)")
+    parser.add_argument("--unmerged-lora", action="store_true",
+                        help="run stage 1 with its LoRA factors unmerged (the speed before SpeechLLM.merge_lora)")
     parser.add_argument("--breakdown", action="store_true",
                         help="time each stage of the streamed replies (seconds per second of reply audio)")
     args = parser.parse_args(argv)
@@ -176,10 +185,16 @@ def main(argv=None) -> int:
     print(machine_line())
     print(f"run {run.root} | preset {cfg.name} | device {device} | torch threads {torch.get_num_threads()}")
     omni = pipeline.EmotionOmni.from_run(run, cfg, device)
+    if args.unmerged_lora:
+        omni.stage1.unmerge_lora()
+    print(f"stage-1 LoRA {'merged into the weights' if omni.stage1.lora_merged else 'unmerged (factors apart)'}")
     queries = pick_queries(data.load_manifest(run), args.replies, cfg["seed"])
     totals = install_stage_timers(omni, pipeline) if args.breakdown else None
-    for block_frames in args.block_frames or [omni.vocoder_block_frames]:
+    settings = [(b, p) for p in (args.vocoder_precision or [omni.vocoder.requested_precision])
+                for b in (args.block_frames or [omni.vocoder_block_frames])]
+    for block_frames, precision in settings:
         omni.vocoder_block_frames = int(block_frames)
+        omni.vocoder.to(device, precision=precision)
         records = []
         counted = {name: 0.0 for name in STAGES}
         for k, row in enumerate(queries):
@@ -193,7 +208,8 @@ def main(argv=None) -> int:
                 record["offline_s"] = offline_once(omni, wav, sr)
             if k > 0:  # the first reply is the warm-up
                 records.append(record)
-        print(f"\nvocoder blocks of >= {block_frames} mel frames after the first chunk")
+        print(f"\nvocoder blocks of >= {block_frames} mel frames after the first chunk, vocoder in "
+              f"{omni.vocoder.precision} (asked: {precision})")
         print(format_report(records, summarize(records)))
         if totals is not None:
             audio_s = sum(r["audio_s"] for r in records)

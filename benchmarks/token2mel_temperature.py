@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=2 python benchmarks/token2mel_temperature.py --run runs/cpu --split val
     OMP_NUM_THREADS=2 python benchmarks/token2mel_temperature.py --run runs/cpu --split test --setting 1:10 --setting 0:10
     OMP_NUM_THREADS=2 python benchmarks/token2mel_temperature.py --run runs/cpu --split test --setting 0:10 --utterances 70 --by-emotion
+    OMP_NUM_THREADS=2 python benchmarks/token2mel_temperature.py --run runs/cpu --split test --setting 0:10 --vocoder-precision float32 bfloat16
 
 Notebook 05 resynthesizes held-out utterances from their true speech tokens (token2mel + the packaged
 HiFi-GAN) and asks Whisper tiny.en what was said. This script repeats that round trip on a run's
@@ -12,7 +13,8 @@ the starting noise (x0 = mu + temperature * source_std * noise) and the number o
 voices the model was not trained on), report on ``--split test`` (held-out voices), as the README
 does. Utterances are chosen as in notebook 05 (up to 8 s, a seeded choice, a reference from another
 utterance of the same voice); the noise of utterance i is seeded with seed + i, so settings differ
-only in what they set.
+only in what they set. ``--vocoder-precision`` vocodes the same mels with HiFi-GAN in float32 and/or
+bfloat16 (``synthesis.vocoder_precision``): what the faster vocoder costs in words and emotion.
 """
 from __future__ import annotations
 
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setting", type=parse_setting, action="append",
                         help="TEMPERATURE:STEPS, repeatable (default 1:10 0.5:10 0.25:10 0:10 0:3 0:0)")
     parser.add_argument("--seed", type=int, default=0, help="the run's seed (notebook 05's choice of utterances)")
+    parser.add_argument("--vocoder-precision", nargs="+", default=["float32"], choices=["float32", "bfloat16", "auto"],
+                        help="HiFi-GAN precision(s); the same mels are vocoded with each")
     parser.add_argument("--by-emotion", action="store_true",
                         help="also print, per setting, which emotion each true emotion is heard as")
     args = parser.parse_args(argv)
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     for temperature, steps in settings:
         model.config.temperature = temperature
         started = time.perf_counter()
-        wavs = []
+        mels_out = []
         for i, u in enumerate(utterances):
             frames = torch.as_tensor(tokens[u["key"]])
             ref = torch.as_tensor(vectors[references[u["key"]]])
@@ -130,19 +134,29 @@ def main(argv: list[str] | None = None) -> int:
                     mel = model.prior(frames[:, 0], frames[:, 1], frames[:, 2], ref)[0]
                 else:
                     mel = model.sample(frames[:, 0], frames[:, 1], frames[:, 2], ref, noise=noise, steps=steps)[0]
-                wavs.append(vocoder(mel))
-        heard = recognizer.transcribe(wavs, sr=T2W.SAMPLE_RATE)
-        wer = np.mean([asr.word_error_rate(u["text"], h) for u, h in zip(utterances, heard)])
-        recognized, _ = encoders.predict_emotions(emotion_model, [resample(w, T2W.SAMPLE_RATE, 16000) for w in wavs])
-        emotion = np.mean([r == u["emotion"] for r, u in zip(recognized, utterances)])
-        label = "prior mean mel (no flow)" if steps == 0 else f"{steps} Euler steps"
-        table.append([f"{temperature:g}", label, f"{wer:.3f}", f"{emotion:.3f}", f"{time.perf_counter() - started:.0f}"])
-        print(f"temperature {temperature:g}, {label}: WER {wer:.3f}, emotion heard {emotion:.3f}", flush=True)
-        if args.by_emotion:
-            print(text_table(*emotion_confusion([u["emotion"] for u in utterances], list(recognized))), flush=True)
+            mels_out.append(mel)
+        mel_seconds = time.perf_counter() - started
+        for precision in args.vocoder_precision:
+            vocoder.to("cpu", precision=precision)
+            started = time.perf_counter()
+            wavs = [vocoder(mel) for mel in mels_out]
+            vocoder_seconds = time.perf_counter() - started
+            audio_s = sum(len(w) for w in wavs) / T2W.SAMPLE_RATE
+            heard = recognizer.transcribe(wavs, sr=T2W.SAMPLE_RATE)
+            wer = np.mean([asr.word_error_rate(u["text"], h) for u, h in zip(utterances, heard)])
+            recognized, _ = encoders.predict_emotions(emotion_model, [resample(w, T2W.SAMPLE_RATE, 16000) for w in wavs])
+            emotion = np.mean([r == u["emotion"] for r, u in zip(recognized, utterances)])
+            label = "prior mean mel (no flow)" if steps == 0 else f"{steps} Euler steps"
+            table.append([f"{temperature:g}", label, vocoder.precision, f"{wer:.3f}", f"{emotion:.3f}",
+                          f"{mel_seconds:.0f}", f"{vocoder_seconds / audio_s:.3f}"])
+            print(f"temperature {temperature:g}, {label}, vocoder {vocoder.precision}: WER {wer:.3f}, "
+                  f"emotion heard {emotion:.3f}", flush=True)
+            if args.by_emotion:
+                print(text_table(*emotion_confusion([u["emotion"] for u in utterances], list(recognized))), flush=True)
     print(machine_line())
     print(f"{len(utterances)} {args.split} utterances of {run}, resynthesized from their true tokens")
-    print(text_table(["temperature", "mel from", "Whisper WER", "emotion heard", "seconds"], table))
+    print(text_table(["temperature", "mel from", "vocoder", "Whisper WER", "emotion heard", "token2mel seconds",
+                      "vocoder RTF (offline)"], table))
     return 0
 
 

@@ -485,10 +485,7 @@ class EmotionOmni:
         decoder = stage2.load_decoder(run.checkpoint_dir("stage2") / "latest.pt", device)
         token2mel = token2wav.load_token2mel(run.checkpoint_dir("token2mel") / "latest.pt", device,
                                              temperature=cfg["token2mel"].get("temperature"))
-        context = cfg["token2mel"]["vocoder_context_frames"]
-        vocoder = token2wav.Vocoder.from_source(cfg["models"]["vocoder"], context_frames=context,
-                                                right_context_frames=context)
-        vocoder.generator.to(device)
+        vocoder = token2wav.Vocoder.from_preset(cfg, device)
         whisper, processor = asr.load_whisper(cfg["models"]["whisper"])
         emotion_encoder = encoders.load_emotion_encoder(run.checkpoint_dir("emotion_encoder") / "latest.pt",
                                                         expected_dim=stage1.config.emotion_dim)

@@ -1352,8 +1352,40 @@ def load_token2mel(path: str | Path, device: str = "cpu", temperature: float | N
 # ---------------------------------------------------------------------------------------------
 # Vocoders: HiFi-GAN (offline and streaming) and Griffin-Lim
 # ---------------------------------------------------------------------------------------------
+VOCODER_PRECISIONS = ("float32", "bfloat16", "auto")
+
+
+def native_bfloat16(device="cpu") -> bool:
+    """Does ``device`` compute in bfloat16 natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX)?
+
+    Elsewhere bfloat16 is emulated and slower than float32, so ``precision="auto"`` keeps float32.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device) -> str:
+    """``auto`` -> ``bfloat16`` where ``native_bfloat16(device)``, else ``float32``; other values unchanged."""
+    if precision == "auto":
+        return "bfloat16" if native_bfloat16(device) else "float32"
+    return precision
+
+
 class Vocoder:
     """A frozen HiFi-GAN generator behind a numpy interface, offline or chunk by chunk.
+
+    ``precision``: ``float32``, ``bfloat16`` (autocast: the convolutions run in bfloat16, the
+    output is float32) or ``auto`` (bfloat16 where the device computes it natively, see
+    ``native_bfloat16``). ``self.precision`` is the one in use. On CPUs with AMX, bfloat16
+    vocodes about 1.8x faster; the waveform moves by about 5 % relative RMS, what the ear and
+    Whisper make of that is measured in the README ("Benchmarks").
 
     How ``stream`` differs from offline vocoding: HiFi-GAN's convolutions look both ways; the
     packaged V1 generator's receptive field reaches about 10 mel frames (116 ms) to each side.
@@ -1376,7 +1408,9 @@ class Vocoder:
     """
 
     def __init__(self, generator: nn.Module, mel_cfg: MelConfig | None = None, context_frames: int = 12,
-                 right_context_frames: int = 12, crossfade_samples: int = 0):
+                 right_context_frames: int = 12, crossfade_samples: int = 0, precision: str = "float32"):
+        if precision not in VOCODER_PRECISIONS:
+            raise ValueError(f"vocoder precision must be one of {VOCODER_PRECISIONS}, got {precision!r}")
         self.mel_cfg = mel_cfg or MelConfig()
         check_vocoder_config(self.mel_cfg, generator)
         if context_frames < 0 or right_context_frames < 0 or not 0 <= crossfade_samples <= context_frames * self.mel_cfg.hop:
@@ -1387,12 +1421,31 @@ class Vocoder:
         self.context_frames = context_frames
         self.right_context_frames = right_context_frames
         self.crossfade_samples = crossfade_samples
+        self.requested_precision = precision
+        self.precision = resolve_precision(precision, next(generator.parameters()).device)
 
     @classmethod
     def from_source(cls, source: str = "packaged:hifigan-universal", **kwargs) -> "Vocoder":
         from .pretrained import load_vocoder
 
         return cls(load_vocoder(source), **kwargs)
+
+    @classmethod
+    def from_preset(cls, cfg: dict, device: str = "cpu") -> "Vocoder":
+        """The preset's vocoder: ``models.vocoder``, ``token2mel.vocoder_context_frames`` (left and right)
+        and ``synthesis.vocoder_precision``, on ``device``."""
+        context = cfg["token2mel"]["vocoder_context_frames"]
+        vocoder = cls.from_source(cfg["models"]["vocoder"], context_frames=context, right_context_frames=context)
+        return vocoder.to(device, precision=cfg.get("synthesis", {}).get("vocoder_precision", "float32"))
+
+    def to(self, device, precision: str | None = None) -> "Vocoder":
+        """Move the generator to ``device`` (and resolve ``precision``, default: the one asked for before)."""
+        self.generator.to(device)
+        self.requested_precision = precision or self.requested_precision
+        if self.requested_precision not in VOCODER_PRECISIONS:
+            raise ValueError(f"vocoder precision must be one of {VOCODER_PRECISIONS}, got {self.requested_precision!r}")
+        self.precision = resolve_precision(self.requested_precision, torch.device(device))
+        return self
 
     def _mel(self, mel) -> torch.Tensor:
         mel = torch.as_tensor(np.asarray(mel) if not torch.is_tensor(mel) else mel, dtype=torch.float32)
@@ -1406,7 +1459,9 @@ class Vocoder:
         """log-mel (80, T) -> wav (T * hop,), or (B, 80, T) -> (B, T * hop); float32 numpy."""
         mel = self._mel(mel)
         device = next(self.generator.parameters()).device
-        wav = self.generator(mel.reshape(-1, *mel.shape[-2:]).to(device)).float().cpu().numpy()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
+            wav = self.generator(mel.reshape(-1, *mel.shape[-2:]).to(device))
+        wav = wav.float().cpu().numpy()
         return wav[0] if mel.dim() == 2 else wav
 
     def stream(self, mel_chunks: Iterable) -> Iterator[np.ndarray]:

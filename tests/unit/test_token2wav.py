@@ -486,6 +486,32 @@ def test_streamed_packaged_hifigan_is_close_to_offline():
         context_frames=12, right_context_frames=0)
 
 
+def test_bfloat16_vocoding_stays_close_to_float32_and_precision_is_checked():
+    from emo_lib.audio import hifigan_log_mel
+    from emo_lib.presets import load_preset
+    from emo_lib.pretrained import load_vocoder
+
+    generator = load_vocoder("packaged:hifigan-universal")
+    sr = 22050
+    t = np.arange(int(0.8 * sr)) / sr
+    wav = sum(np.sin(2 * np.pi * k * 160 * t) / k for k in range(1, 8)).astype(np.float32) * 0.2
+    mel = hifigan_log_mel(wav, sr)[:, :60]
+    full = T.Vocoder(generator)(mel)
+    half = T.Vocoder(generator, precision="bfloat16")(mel)
+    assert half.dtype == np.float32 and half.shape == full.shape
+    rel = float(np.sqrt(np.mean((half - full) ** 2)) / np.sqrt(np.mean(full**2)))
+    assert 0 < rel < 0.1, rel  # bfloat16 changes the waveform a little, not a lot
+    auto = T.Vocoder(generator, precision="auto")
+    assert auto.requested_precision == "auto"
+    assert auto.precision == ("bfloat16" if T.native_bfloat16("cpu") else "float32")
+    with pytest.raises(ValueError, match="float16"):
+        T.Vocoder(generator, precision="float16")
+    cfg = load_preset("smoke")
+    vocoder = T.Vocoder.from_preset(cfg)
+    assert vocoder.precision == T.resolve_precision(cfg["synthesis"]["vocoder_precision"], "cpu")
+    assert vocoder.context_frames == vocoder.right_context_frames == cfg["token2mel"]["vocoder_context_frames"]
+
+
 # --- checkpoints and the training loop ---------------------------------------------------------
 def test_save_load_round_trip_and_errors(tmp_path):
     model = tiny_model()
