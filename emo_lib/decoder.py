@@ -437,6 +437,7 @@ class DecoderBase(nn.Module):
     def _register_emotion_stats(self, emotion_dim: int) -> None:
         self.register_buffer("emotion_mean", torch.zeros(emotion_dim))
         self.register_buffer("emotion_std", torch.ones(emotion_dim))
+        self.emotion_strength = 1.0  # inference knob (synthesis.emotion_strength), never saved; see emotion_condition
 
     @classmethod
     def config_from_preset(cls, cfg: dict, hidden_dim: int, emotion_dim: int, kmeans_meta: dict):
@@ -458,8 +459,15 @@ class DecoderBase(nn.Module):
         self.emotion_std.copy_(torch.as_tensor(np.maximum(vectors.std(0), 1e-3)))
 
     def emotion_condition(self, emotion: torch.Tensor) -> torch.Tensor:
-        """Standardised emotion vectors (training-set statistics): what conditions the AdaLNs."""
-        return (emotion - self.emotion_mean) / self.emotion_std
+        """Standardised emotion vectors (training-set statistics): what conditions the AdaLNs.
+
+        ``emotion_strength`` s scales them at inference: z = s (e - mean) / std, i.e. the plan
+        is moved s times as far from the training set's average plan (s = 1: the plan as is;
+        s > 1: an exaggerated emotion; s = 0: the average plan, no emotion). Training keeps s = 1.
+        """
+        z = (emotion - self.emotion_mean) / self.emotion_std
+        strength = 1.0 if self.training else float(self.emotion_strength)
+        return z if strength == 1.0 else z * strength
 
     def _reply_inputs(self, hidden, embeds, emotion) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One reply's (N,H), (N,H), (N,E) as float tensors on the model's device, widths checked."""

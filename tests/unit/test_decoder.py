@@ -90,6 +90,26 @@ def test_ablation_switches_remove_emotion_and_embeddings():
     assert torch.allclose(logits(hidden_only, emo, e), logits(hidden_only, emo, other_e))
 
 
+def test_emotion_strength_scales_the_plan_around_the_training_average_at_inference_only():
+    model = tiny_speech_decoder(8, 4)
+    rng = np.random.default_rng(0)
+    model.set_emotion_stats(rng.normal(size=(50, 4)))
+    emotion = torch.as_tensor(rng.normal(size=(6, 4)), dtype=torch.float32)
+    plain = model.emotion_condition(emotion)
+    model.emotion_strength = 2.0
+    torch.testing.assert_close(model.emotion_condition(emotion), 2 * plain)
+    model.emotion_strength = 0.0  # every plan becomes the average plan
+    assert float(model.emotion_condition(emotion).abs().max()) == 0.0
+    h, e = torch.randn(6, 8), torch.randn(6, 8)
+    a = model.generate(h, e, emotion)
+    b = model.generate(h, e, emotion + torch.randn(6, 4))
+    assert all(torch.equal(a[k], b[k]) for k in ("units", "pitch", "energy", "durations"))
+    model.emotion_strength = 3.0
+    model.train()  # training always reads the plan as it is
+    torch.testing.assert_close(model.emotion_condition(emotion), plain)
+    assert not any("strength" in k for k in model.state_dict())  # a knob, not a weight
+
+
 def test_config_round_trip_and_errors():
     config = tiny_config(fusion="hidden_only", adaln=False)
     assert D.Stage2Config.from_dict(config.to_dict()) == config

@@ -1,0 +1,122 @@
+"""Emotion strength at inference: does moving stage 1's plan further from the average make its emotion heard?
+
+    OMP_NUM_THREADS=2 python benchmarks/emotion_strength.py --run runs/cpu --strength 1 1.5 2
+
+Notebook 06 speaks held-out replies end to end and asks the kit's emotion encoder which emotion it
+hears. The stage-2 decoder reads stage 1's emotion plan standardised with its training statistics,
+z = (e - mean) / std (``DecoderBase.emotion_condition``). ``synthesis.emotion_strength`` s scales
+that at inference, z -> s z: s = 1 is the plan as is, s > 1 an exaggerated one (further from the
+average plan), s = 0 the average plan. Nothing is trained again.
+
+The script takes notebook 06's seeded choice of held-out test queries, lets stage 1 answer them once
+(``experiments.held_out_replies``), then for each strength speaks every reply with the run's decoder,
+token2mel (seeded noise, as notebook 06) and HiFi-GAN, and reports Whisper WER against the reply text,
+the emotion heard against the intended reply emotion (95 % bootstrap interval), the paired change
+against s = 1, and "emotion heard = plan" (the plan read by ``pipeline.fit_plan_reader``). At s = 1
+the figures are notebook 06's end-to-end ones (up to float rounding).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from emo_lib.report import machine_line, text_table
+
+
+def paired_difference(a: list[float], b: list[float], seed: int, n_resamples: int = 1000) -> tuple[float, float, float]:
+    """Mean of b - a over the same items with a 95 % bootstrap interval (items resampled together)."""
+    diff = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = [float(diff[rng.integers(0, len(diff), len(diff))].mean()) for _ in range(n_resamples)]
+    return float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a run folder after notebook 06, e.g. runs/cpu")
+    parser.add_argument("--preset", default=None, help="preset of the run (default: from its metrics.json)")
+    parser.add_argument("--strength", type=float, nargs="+", default=[1.0, 1.5, 2.0],
+                        help="emotion strengths to compare (1 = the plan as is)")
+    parser.add_argument("--replies", type=int, default=None, help="held-out replies (default: synthesis.eval_replies)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from emo_lib import asr, data, encoders, evaluate, experiments, llm, pipeline, pretrained
+    from emo_lib import decoder as D
+    from emo_lib import token2wav as T2W
+    from emo_lib.audio import resample
+    from emo_lib.session import seed_everything
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_throughput import open_run  # the same run/preset resolution
+
+    run, cfg = open_run(args.run, args.preset)
+    seed_everything(cfg["seed"])
+    print(machine_line())
+    print(f"run {run.root} | preset {cfg.name} | torch threads {torch.get_num_threads()}")
+    needed = {name: run.checkpoint_dir(name) / "latest.pt" for name in ("stage1", "stage2", "token2mel", "emotion_encoder")}
+    for name, path in needed.items():
+        run.require(path, name)
+    backbone, tokenizer = pretrained.load_llm(cfg["models"]["llm"])
+    stage1 = llm.load_stage1(needed["stage1"], "cpu", backbone, tokenizer)
+    decoder = D.load_decoder(needed["stage2"])
+    token2mel = T2W.load_token2mel(needed["token2mel"], temperature=cfg["token2mel"]["temperature"])
+    vocoder = T2W.Vocoder.from_preset(cfg)
+    syn = cfg["synthesis"]
+    voice = pipeline.run_voice(run, syn["voice"], cfg["token2mel"]["reference_min_s"])
+    rows = data.load_manifest(run)
+    started = time.perf_counter()
+    replies = experiments.held_out_replies(run, cfg, stage1, args.replies or syn["eval_replies"])
+    print(f"{len(replies)} non-empty stage-1 replies in {time.perf_counter() - started:.0f} s")
+    recognizer = asr.load_asr(cfg["models"]["whisper"])
+    emotion_model = encoders.load_emotion_encoder(needed["emotion_encoder"])
+    plans = pipeline.fit_plan_reader(run, rows, seed=cfg["seed"]).predict([r["emotion"] for r in replies])
+    intended = [r["intended_emotion"] for r in replies]
+
+    table, baseline, confusions = [], None, {}
+    for strength in args.strength:
+        decoder.emotion_strength = strength
+        started = time.perf_counter()
+        wavs = [experiments.speak(decoder, token2mel, vocoder, voice, r, seed=cfg["seed"])[0] for r in replies]
+        spoken = [i for i, w in enumerate(wavs) if len(w)]
+        heard = recognizer.transcribe([wavs[i] for i in spoken], sr=T2W.SAMPLE_RATE)
+        wer = [asr.word_error_rate(replies[i]["text"], h) for i, h in zip(spoken, heard)]
+        recognized, _ = encoders.predict_emotions(emotion_model, [resample(wavs[i], T2W.SAMPLE_RATE, 16000) for i in spoken])
+        correct = [float(e == intended[i]) for e, i in zip(recognized, spoken)]
+        ci = evaluate.accuracy_with_ci(list(recognized), [intended[i] for i in spoken], seed=cfg["seed"])
+        said = float(np.mean([e == plans[i] for e, i in zip(recognized, spoken)]))
+        if baseline is None:
+            baseline = (strength, dict(zip(spoken, correct)))
+        common = [i for i in spoken if i in baseline[1]]
+        change = paired_difference([baseline[1][i] for i in common], [dict(zip(spoken, correct))[i] for i in common],
+                                   cfg["seed"])
+        confusions[strength] = {}
+        for e, i in zip(recognized, spoken):
+            confusions[strength].setdefault(intended[i], {}).setdefault(e, 0)
+            confusions[strength][intended[i]][e] += 1
+        table.append([f"{strength:g}", f"{len(spoken)}", f"{np.mean(wer):.3f}",
+                      f"{ci['accuracy']:.3f} [{ci['low']:.2f}, {ci['high']:.2f}]",
+                      f"{change[0]:+.3f} [{change[1]:+.2f}, {change[2]:+.2f}]", f"{said:.3f}",
+                      f"{time.perf_counter() - started:.0f}"])
+        print(f"strength {strength:g}: WER {np.mean(wer):.3f}, emotion heard {ci['accuracy']:.3f}, heard = plan {said:.3f}",
+              flush=True)
+    majority = max(intended.count(e) for e in set(intended)) / len(intended)
+    plan_ok = float(np.mean([p == t for p, t in zip(plans, intended)]))
+    print(f"\n{len(replies)} held-out replies of {run.root}; the plan names the intended emotion in {plan_ok:.3f}; "
+          f"majority rate {majority:.3f}")
+    print(text_table(["strength", "spoken", "Whisper WER", "emotion heard [95 % CI]",
+                      f"change vs strength {baseline[0]:g} [95 % CI]", "heard = plan", "seconds"], table))
+    for strength, matrix in confusions.items():
+        print(f"\nstrength {strength:g}: intended -> heard")
+        for emotion, counts in sorted(matrix.items()):
+            print(f"  {emotion:10s} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
