@@ -466,8 +466,7 @@ class DecoderBase(nn.Module):
         s > 1: an exaggerated emotion; s = 0: the average plan, no emotion). Training keeps s = 1.
         """
         z = (emotion - self.emotion_mean) / self.emotion_std
-        strength = 1.0 if self.training else float(self.emotion_strength)
-        return z if strength == 1.0 else z * strength
+        return z if self.training else z * float(self.emotion_strength)
 
     def _reply_inputs(self, hidden, embeds, emotion) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One reply's (N,H), (N,H), (N,E) as float tensors on the model's device, widths checked."""

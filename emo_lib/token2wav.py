@@ -1383,9 +1383,10 @@ class Vocoder:
 
     ``precision``: ``float32``, ``bfloat16`` (autocast: the convolutions run in bfloat16, the
     output is float32) or ``auto`` (bfloat16 where the device computes it natively, see
-    ``native_bfloat16``). ``self.precision`` is the one in use. On CPUs with AMX, bfloat16
-    vocodes about 1.8x faster; the waveform moves by about 5 % relative RMS, what the ear and
-    Whisper make of that is measured in the README ("Benchmarks").
+    ``native_bfloat16``). ``self.precision`` is the one in use. On a CPU with AMX, streamed
+    bfloat16 vocoding was 1.8x faster, but offline vocoding of utterances of many different
+    lengths was slower, and the waveform moves by about 5 % relative RMS; the README
+    ("Benchmarks") has what Whisper and the emotion encoder make of it.
 
     How ``stream`` differs from offline vocoding: HiFi-GAN's convolutions look both ways; the
     packaged V1 generator's receptive field reaches about 10 mel frames (116 ms) to each side.
@@ -1409,8 +1410,6 @@ class Vocoder:
 
     def __init__(self, generator: nn.Module, mel_cfg: MelConfig | None = None, context_frames: int = 12,
                  right_context_frames: int = 12, crossfade_samples: int = 0, precision: str = "float32"):
-        if precision not in VOCODER_PRECISIONS:
-            raise ValueError(f"vocoder precision must be one of {VOCODER_PRECISIONS}, got {precision!r}")
         self.mel_cfg = mel_cfg or MelConfig()
         check_vocoder_config(self.mel_cfg, generator)
         if context_frames < 0 or right_context_frames < 0 or not 0 <= crossfade_samples <= context_frames * self.mel_cfg.hop:
@@ -1422,7 +1421,7 @@ class Vocoder:
         self.right_context_frames = right_context_frames
         self.crossfade_samples = crossfade_samples
         self.requested_precision = precision
-        self.precision = resolve_precision(precision, next(generator.parameters()).device)
+        self.to(next(generator.parameters()).device)  # checks and resolves the precision
 
     @classmethod
     def from_source(cls, source: str = "packaged:hifigan-universal", **kwargs) -> "Vocoder":
