@@ -84,6 +84,9 @@ register_arm("utterance_mean_target", 1, {"stage1.emotion_target": "utterance_me
              "one utterance-mean emotion vector as the target of every reply token", "public code")
 register_arm("no_emotion_encoder", 1, {"stage1.adapter": "semantic_only"},
              "semantic (Whisper) stream only: no emotion encoder", "ablation")
+register_arm("transcribe", 1, {"stage1.transcribe_prob": 0.5},
+             "auxiliary transcription task on half of the training queries (the kit's addition, llm.SpeechLLM.transcription_draws)",
+             "kit")
 register_arm("dual_info", 1, {"stage1.adapter": "dual_info"},
              "Dual-Info SLM: paralinguistic soft prompt + frame-stacking linguistic adapter, equivalence replacement",
              "variant")
@@ -241,11 +244,16 @@ def train_stage1_arm(run, preset: str, base_overrides: dict | None, arm: Arm | s
     training_s = history["seconds"][-1] if history["seconds"] else 0.0
     model.merge_lora()  # eval mode, LoRA folded into the weights: faster scoring and generation
     heldout = llm.evaluate_teacher_forced(model, data.test)
+    by_id = {r["pair_id"]: r for r in data.rows}
+    listening = llm.listening_test(model, data.test, by_id, seed=cfg["seed"])
     texts = []
     for start in range(0, len(data.same_text), 16):
         texts += [llm.tidy_reply(g["text"]) for g in
                   model.generate(data.same_text[start : start + 16], max_new_tokens=cfg["stage1"]["max_new_tokens"])]
     intended = [r["response_emotion"] for r in data.same_text_rows]
+    from .evaluate import content_score
+
+    content = content_score(texts, [r["query_text"] for r in data.same_text_rows])
     judged = judge.predict(texts)
     correct = [float(j == t) for j, t in zip(judged, intended)]
     result = {
@@ -257,6 +265,9 @@ def train_stage1_arm(run, preset: str, base_overrides: dict | None, arm: Arm | s
         "same_text_distinct_replies": len(set(texts)),
         "heldout_ce_nats": heldout["ce"], "heldout_centered_cosine": heldout["centered_cosine"],
         "heldout_trajectory_cosine": heldout["trajectory_cosine"],
+        "listening_gain_nats": listening["gain"], "listening_ce_true": listening["ce_true"],
+        "listening_ce_swapped": listening["ce_swapped"],
+        "same_text_content_score": content["mean"], "same_text_content_mismatched": content["mismatched_mean"],
         "first_train_ce": float(np.mean(history["ce"][:3])) if history.get("ce") else None,
         "last_train_ce": float(np.mean(history["ce"][-3:])) if history.get("ce") else None,
         "minutes": round((time.perf_counter() - started) / 60, 2),
