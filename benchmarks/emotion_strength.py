@@ -63,6 +63,8 @@ def main(argv=None) -> int:
                         help="emotion strengths to compare (1 = the plan as is)")
     parser.add_argument("--replies", type=int, default=None, help="held-out replies (default: synthesis.eval_replies)")
     parser.add_argument("--voice", default=None, help="reply voice (a training speaker; default: synthesis.voice)")
+    parser.add_argument("--pitch-decoding", nargs="+", default=["voicing_first"],
+                        help="pitch-token rules to compare (decoder.pick_pitch): voicing_first (the kit's default), argmax")
     parser.add_argument("--prosody-temperature", type=float, nargs="+", default=[0.0],
                         help="sample pitch and energy tokens at these temperatures (0 = greedy, the kit's choice)")
     args = parser.parse_args(argv)
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     from emo_lib import asr, data, encoders, evaluate, experiments, llm, pipeline, pretrained
     from emo_lib import decoder as D
     from emo_lib import token2wav as T2W
-    from emo_lib.audio import resample
+    from emo_lib.audio import estimate_f0, resample
     from emo_lib.session import seed_everything
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -103,13 +105,16 @@ def main(argv=None) -> int:
     intended = [r["intended_emotion"] for r in replies]
 
     table, baseline, confusions = [], None, {}
-    for strength, temperature in [(s, t) for t in args.prosody_temperature for s in args.strength]:
+    settings = [(s, t, p) for p in args.pitch_decoding for t in args.prosody_temperature for s in args.strength]
+    for strength, temperature, pitch_rule in settings:
         decoder.emotion_strength = strength
+        decoder.pitch_decoding = pitch_rule
         if temperature > 0:
             decoder._argmax = prosody_sampler(temperature, torch.Generator().manual_seed(cfg["seed"]))
         else:
             decoder.__dict__.pop("_argmax", None)  # the class's greedy choice
-        label = f"{strength:g}" + (f", T {temperature:g}" if temperature > 0 else "")
+        label = f"{strength:g}" + (f", T {temperature:g}" if temperature > 0 else "") + \
+            (f", {pitch_rule}" if len(args.pitch_decoding) > 1 else "")
         started = time.perf_counter()
         wavs = [experiments.speak(decoder, token2mel, vocoder, voice, r, seed=cfg["seed"])[0] for r in replies]
         spoken = [i for i, w in enumerate(wavs) if len(w)]
@@ -132,13 +137,15 @@ def main(argv=None) -> int:
                       f"{ci['accuracy']:.3f} [{ci['low']:.2f}, {ci['high']:.2f}]",
                       f"{change[0]:+.3f} [{change[1]:+.2f}, {change[2]:+.2f}]", f"{said:.3f}",
                       f"{time.perf_counter() - started:.0f}"])
-        print(f"strength {label}: WER {np.mean(wer):.3f}, emotion heard {ci['accuracy']:.3f}, heard = plan {said:.3f}",
-              flush=True)
+        voicing = float(np.mean([np.mean(np.isfinite(estimate_f0(wavs[i], T2W.SAMPLE_RATE))) for i in spoken]))
+        table[-1].insert(3, f"{voicing:.3f}")
+        print(f"strength {label}: WER {np.mean(wer):.3f}, emotion heard {ci['accuracy']:.3f}, heard = plan {said:.3f}, "
+              f"voiced frames {voicing:.3f}", flush=True)
     majority = max(intended.count(e) for e in set(intended)) / len(intended)
     plan_ok = float(np.mean([p == t for p, t in zip(plans, intended)]))
     print(f"\n{len(replies)} held-out replies of {run.root}; the plan names the intended emotion in {plan_ok:.3f}; "
           f"majority rate {majority:.3f}")
-    print(text_table(["strength (, prosody temperature)", "spoken", "Whisper WER", "emotion heard [95 % CI]",
+    print(text_table(["strength (, prosody temperature, pitch rule)", "spoken", "Whisper WER", "voiced frames", "emotion heard [95 % CI]",
                       f"change vs strength {baseline[0]} [95 % CI]", "heard = plan", "seconds"], table))
     for label, matrix in confusions.items():
         print(f"\nstrength {label}: intended -> heard")

@@ -421,6 +421,29 @@ def build_decoder(name: str, cfg: dict, hidden_dim: int, emotion_dim: int, kmean
     return cls(cls.config_from_preset(cfg, hidden_dim, emotion_dim, kmeans_meta))
 
 
+PITCH_DECODINGS = ("voicing_first", "argmax")
+
+
+def pick_pitch(logits: torch.Tensor, rule: str = "voicing_first") -> torch.Tensor:
+    """(F, pitch_bins) logits -> (F,) pitch ids; id 0 is "unvoiced", ids 1.. are F0 bins.
+
+    ``argmax`` takes the single most likely id. That is biased against voicing: when the decoder
+    is unsure *which* F0 bin a voiced frame has, the voiced probability is spread over several
+    neighbouring bins while "unvoiced" is one id, so "unvoiced" can win with, say, 0.3 against a
+    voiced total of 0.7. On the cpu preset's validation replies argmax left 35 % of frames voiced
+    against 53 % in the recordings, and the spoken replies came out breathy (README, "Issue 5").
+    ``voicing_first`` decides the two questions in order: voiced when P(voiced) = 1 - P(id 0)
+    >= 0.5, and then the most likely F0 bin among the voiced ones.
+    """
+    if rule not in PITCH_DECODINGS:
+        raise ValueError(f"pitch decoding must be one of {list(PITCH_DECODINGS)}, got {rule!r} (synthesis.pitch_decoding)")
+    if rule == "argmax" or logits.shape[0] == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float(), dim=-1)
+    voiced = probs[:, 0] <= 0.5
+    return torch.where(voiced, 1 + logits[:, 1:].argmax(-1), torch.zeros_like(voiced, dtype=torch.long))
+
+
 class DecoderBase(nn.Module):
     """What the stage-2 decoders share: emotion statistics, one reply's inputs, state for checkpoints.
 
@@ -438,6 +461,7 @@ class DecoderBase(nn.Module):
         self.register_buffer("emotion_mean", torch.zeros(emotion_dim))
         self.register_buffer("emotion_std", torch.ones(emotion_dim))
         self.emotion_strength = 1.0  # inference knob (synthesis.emotion_strength), never saved; see emotion_condition
+        self.pitch_decoding = "voicing_first"  # inference knob (synthesis.pitch_decoding), never saved; see pick_pitch
 
     @classmethod
     def config_from_preset(cls, cfg: dict, hidden_dim: int, emotion_dim: int, kmeans_meta: dict):
@@ -717,10 +741,10 @@ class SpeechDecoder(DecoderBase):
         return {"units": empty, "pitch": empty.clone(), "energy": empty.clone(), "durations": empty.clone(),
                 "windows": []}
 
-    @staticmethod
-    def _argmax(logits: dict, skip: int = 0) -> dict:
-        return {k: logits[f"{n}_logits"][0, skip:].argmax(-1) for k, n in
-                (("units", "unit"), ("pitch", "pitch"), ("energy", "energy"))}
+    def _argmax(self, logits: dict, skip: int = 0) -> dict:
+        """Each frame's unit and energy token (argmax) and pitch token (``pick_pitch``)."""
+        out = {k: logits[f"{n}_logits"][0, skip:].argmax(-1) for k, n in (("units", "unit"), ("energy", "energy"))}
+        return {**out, "pitch": pick_pitch(logits["pitch_logits"][0, skip:], getattr(self, "pitch_decoding", "voicing_first"))}
 
     @torch.no_grad()
     def generate(self, hidden, embeds, emotion, durations=None, speaker=None) -> dict:

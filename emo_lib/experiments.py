@@ -429,6 +429,7 @@ def train_stage2_arm(run, preset: str, base_overrides: dict | None, arm: Arm | s
                          progress=progress, device=device)
     training_s = history["seconds"][-1] if history["seconds"] else 0.0
     model.eval()
+    model.pitch_decoding = cfg["synthesis"]["pitch_decoding"]
     per_item = {"right": [], "wrong": []}
     with torch.inference_mode():
         for kind, items in (("right", data.val_items), ("wrong", shuffled_emotions(data.val_items, cfg["seed"]))):

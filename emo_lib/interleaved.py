@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .decoder import (DecoderBase, DecoderConfigBase, DecoderBlock, DecoderInputError, GatedFusion, check_ids, make_norm,
+from .decoder import (DecoderBase, DecoderConfigBase, DecoderBlock, DecoderInputError, GatedFusion, check_ids, make_norm, pick_pitch,
                       preset_values, register_decoder, sinusoidal_positions)
 
 READ, WRITE = 0, 1
@@ -423,7 +423,8 @@ class _GreedyWriter:
         if unit == m.config.eos:
             self.done = self.eos = True
             return False
-        pitch, energy = int(logits["pitch_logits"][0].argmax()), int(logits["energy_logits"][0].argmax())
+        pitch = int(pick_pitch(logits["pitch_logits"][0:1].reshape(1, -1), getattr(m, "pitch_decoding", "voicing_first"))[0])
+        energy = int(logits["energy_logits"][0].argmax())
         self.units.append(unit)
         self.pitch.append(pitch)
         self.energy.append(energy)

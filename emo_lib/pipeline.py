@@ -484,6 +484,7 @@ class EmotionOmni:
         stage1 = llm.load_stage1(run.checkpoint_dir("stage1") / "latest.pt", device, backbone, tokenizer)
         decoder = stage2.load_decoder(run.checkpoint_dir("stage2") / "latest.pt", device)
         decoder.emotion_strength = float(cfg.get("synthesis", {}).get("emotion_strength", 1.0))
+        decoder.pitch_decoding = cfg.get("synthesis", {}).get("pitch_decoding", "voicing_first")
         token2mel = token2wav.load_token2mel(run.checkpoint_dir("token2mel") / "latest.pt", device,
                                              temperature=cfg["token2mel"].get("temperature"))
         vocoder = token2wav.Vocoder.from_preset(cfg, device)

@@ -110,6 +110,39 @@ def test_emotion_strength_scales_the_plan_around_the_training_average_at_inferen
     assert not any("strength" in k for k in model.state_dict())  # a knob, not a weight
 
 
+def test_pick_pitch_decides_voicing_before_the_f0_bin():
+    # frame 0: P(unvoiced) 0.3, the voiced 0.7 spread over seven bins (0.1 each) -> argmax says unvoiced
+    # frame 1: P(unvoiced) 0.6 -> unvoiced by both rules; frame 2: one clear voiced bin -> bin 5 by both
+    probs = torch.zeros(3, 9)
+    probs[0, 0], probs[0, 1:8] = 0.3, 0.1
+    probs[0, 4] = 0.1001  # the likeliest voiced bin
+    probs[1, 0], probs[1, 1:] = 0.6, 0.05
+    probs[2, 5], probs[2, 0] = 0.9, 0.1
+    logits = probs.clamp_min(1e-9).log()
+    assert D.pick_pitch(logits, "argmax").tolist() == [0, 0, 5]
+    assert D.pick_pitch(logits, "voicing_first").tolist() == [4, 0, 5]
+    assert D.pick_pitch(torch.zeros(0, 9)).shape == (0,)
+    with pytest.raises(ValueError, match="pitch_decoding"):
+        D.pick_pitch(logits, "median")
+
+
+def test_generate_and_stream_follow_the_pitch_rule():
+    model = tiny_model(seed=4)
+    set_mean_duration(model, 3)
+    h, e, emo = reply(8, seed=3)
+    assert model.pitch_decoding == "voicing_first"
+    first = model.generate(h, e, emo)
+    model.pitch_decoding = "argmax"
+    plain = model.generate(h, e, emo)
+    assert torch.equal(first["units"], plain["units"]) and torch.equal(first["energy"], plain["energy"])
+    assert (first["pitch"] > 0).sum() >= (plain["pitch"] > 0).sum()  # voicing first never voices fewer frames
+    voiced = plain["pitch"] > 0
+    assert torch.equal(first["pitch"][voiced], plain["pitch"][voiced])  # a frame argmax voices keeps its bin
+    model.pitch_decoding = "voicing_first"
+    streamed = torch.cat([c["pitch"] for c in model.stream(zip(h, e, emo))])
+    assert torch.equal(streamed, first["pitch"])
+
+
 def test_config_round_trip_and_errors():
     config = tiny_config(fusion="hidden_only", adaln=False)
     assert D.Stage2Config.from_dict(config.to_dict()) == config

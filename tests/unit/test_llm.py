@@ -267,3 +267,75 @@ def test_text_baseline_prompts(tokenizer):
     assert chat_messages("They called me back.", "anger")[-1]["content"] == "(angry) They called me back."
     with pytest.raises(ValueError, match="plain prompt"):
         L.text_replies(None, tokenizer, ["hi"], ["anger"], prompt="plain")
+
+
+# -- the auxiliary transcription task and the listening test ---------------------------------
+def with_script(e, tokenizer, text="my cat is sick"):
+    import dataclasses
+
+    return dataclasses.replace(e, transcript_ids=list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+
+
+def test_transcription_task_replaces_the_reply_with_the_query_words_and_its_own_prompt(tokenizer):
+    model = tiny_model(tokenizer, transcribe_prob=0.999).train()
+    items = [with_script(example(tokenizer, f"p{i}", 0.6, seed=i), tokenizer) for i in range(4)]
+    torch.manual_seed(0)
+    drawn = model.transcription_draws(items)
+    assert all(d.task == "transcribe" and d.response_ids == e.transcript_ids and d.trajectory is None
+               for d, e in zip(drawn, items))
+    batch = model.splice(drawn)
+    n = len(model.transcribe_prefix_ids)
+    assert not torch.equal(model.transcribe_prefix_ids, model.prefix_ids)  # another instruction
+    np.testing.assert_allclose(batch.inputs_embeds[0, :n].detach(), model.embed_tokens(model.transcribe_prefix_ids).detach())
+    labelled = (batch.labels[0] != -100).nonzero().flatten().tolist()
+    assert batch.labels[0, labelled].tolist() == items[0].transcript_ids + [model.end_id]
+    assert not batch.target_mask.any()  # no emotion target: the emotion loss skips these examples
+    out = model(items)
+    assert float(out["mse"].detach()) == 0.0 and float(out["one_minus_cos"].detach()) == 0.0 and float(out["ce"].detach()) > 0
+
+
+def test_transcription_task_never_applies_in_eval_mode_without_a_script_or_at_zero(tokenizer):
+    items = [with_script(example(tokenizer, f"p{i}", 0.6, seed=i), tokenizer) for i in range(3)]
+    model = tiny_model(tokenizer, transcribe_prob=0.999).eval()
+    a, b = model(items), model(items)
+    assert float(a["ce"]) == float(b["ce"]) and bool(a["target_mask"].any())  # replies, deterministic
+    bare = [example(tokenizer, "q", 0.6)]  # no transcript ids: stays a reply
+    assert model.transcription_draws(bare)[0].task == "reply"
+    off = tiny_model(tokenizer).train()
+    assert off.transcription_draws(items) is items
+    with pytest.raises(ValueError, match="transcribe_prob"):
+        tiny_model(tokenizer, transcribe_prob=1.0)
+
+
+def test_transcription_draws_follow_the_probability(tokenizer):
+    model = tiny_model(tokenizer, transcribe_prob=0.3).train()
+    items = [with_script(example(tokenizer, f"p{i}", 0.2, seed=i), tokenizer) for i in range(400)]
+    torch.manual_seed(1)
+    share = np.mean([d.task == "transcribe" for d in model.transcription_draws(items)])
+    assert 0.24 < share < 0.36
+
+
+def test_listening_test_swaps_speech_of_the_same_emotion_and_keeps_the_reply(tokenizer):
+    texts = ["a", "b", "c", "d"]
+    items = [example(tokenizer, f"p{i}", 0.4 + 0.1 * i, seed=i) for i in range(4)]
+    rows = {f"p{i}": {"query_emotion": "sad" if i < 2 else "happy", "query_text": texts[i]} for i in range(4)}
+    swapped = L.swapped_queries(items, rows, seed=0)
+    assert [s.pair_id for s in swapped] == ["p0", "p1", "p2", "p3"]
+    assert swapped[0].semantic is items[1].semantic and swapped[2].semantic is items[3].semantic
+    assert swapped[0].response_ids == items[0].response_ids and swapped[0].trajectory is items[0].trajectory
+    rows["p3"]["query_text"] = "c"  # p2 and p3 now say the same words: no partner for either
+    assert [s.pair_id for s in L.swapped_queries(items, rows)] == ["p0", "p1"]
+    model = tiny_model(tokenizer).eval()
+    result = L.listening_test(model, items, rows)
+    assert result["n"] == 2
+    assert result["gain"] == pytest.approx(result["ce_swapped"] - result["ce_true"])
+    assert result["ce_true"] == pytest.approx(L.evaluate_teacher_forced(model, items[:2])["ce"])
+
+
+def test_transcripts_use_the_transcription_prompt(tokenizer):
+    model = tiny_model(tokenizer).eval()
+    e = example(tokenizer, "p", 0.5)
+    import dataclasses
+
+    asked = model.generate([dataclasses.replace(e, task="transcribe")], max_new_tokens=5, repetition_penalty=1.0)[0]["text"]
+    assert L.transcripts(model, [e], max_new_tokens=5) == [asked.strip()]
