@@ -151,6 +151,8 @@ def _open_arm(run, preset, base_overrides, arm, stage: int, steps: int, sizes: d
     folder = arm_folder(run, arm)
     if base_overrides:  # a variant run's arms differ from the default run's (absent when empty: older results stay valid)
         sizes = {**sizes, "base_overrides": dict(base_overrides)}
+    if stage == 2:  # spoken replies depend on the pitch rule (an inference setting, not part of the arm's checkpoint)
+        sizes = {**sizes, "pitch_decoding": cfg["synthesis"]["pitch_decoding"]}
     settings = _settings(arm, steps, sizes)
     cached = _cached(folder, settings)
     if cached is not None and progress:
