@@ -347,15 +347,17 @@ class SpeechLLM(nn.Module):
         """The auxiliary transcription task: some training examples ask for the query's words instead of a reply.
 
         Why (the kit's addition, not the paper's): with a few thousand pairs and one pass over
-        them, the reply loss alone never teaches the adapter to carry *words* into the LLM. The
+        them, the reply loss alone did not teach the adapter to carry *words* into the LLM. The
         replies here depend on the query's emotion far more than on its wording, so the cheapest
         way to lower the loss is to hear the emotion and answer with a stock phrase: on the cpu
         preset the reply loss was the same whether the model heard the true query or another
-        query of the same emotion (README, "Issue 4"). Speech LLMs commonly align their adapter
-        with transcription first (SALMONN, Qwen-Audio, LLaMA-Omni's data); here it is mixed into
-        stage 1: with probability ``transcribe_prob`` an example (with ``transcript_ids``) becomes
-        ``[TRANSCRIBE_SYSTEM_PROMPT] [speech] -> its scripted text``, with no emotion target (no
-        emotion loss). Evaluation and generation always use the reply task. Draws come from
+        query of the same emotion (``listening_test``; README, notebook 04 section). Speech LLMs
+        commonly align their adapter with transcription first (SALMONN, Qwen-Audio); here it is
+        mixed into stage 1: with probability ``transcribe_prob`` an example (with
+        ``transcript_ids``) becomes ``[TRANSCRIBE_SYSTEM_PROMPT] [speech] -> its scripted text``,
+        with no emotion target (no emotion loss). Evaluation and generation always use the reply
+        task. Measured on the cpu preset (0.5, 240 steps): not enough either; the transcripts were
+        invented sentences of the right emotion (WER 1.05), so the default stays 0. Draws come from
         torch's global CPU RNG, so a resumed run draws what an uninterrupted one would.
         """
         if self.config.transcribe_prob <= 0:
