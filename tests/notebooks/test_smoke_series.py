@@ -80,6 +80,8 @@ def test_stage1_learns_and_is_evaluated(smoke_run):
         assert 0.0 <= low <= accuracy <= high <= 1.0
     assert stage1["same_text_utterances"] > 0 and stage1["test_examples"] > 0
     assert -1.0 <= stage1["heldout_trajectory_cosine"] <= 1.0
+    assert stage1["listening_replies"] > 0
+    assert stage1["listening_gain_nats"] == pytest.approx(stage1["listening_ce_swapped"] - stage1["listening_ce_true"])
     assert (run / "checkpoints" / "stage1" / "latest.pt").exists()
     assert (run / "checkpoints" / "judge" / "judge.json").exists()
     assert (run / "stage1" / "same_text_replies.jsonl").exists()
@@ -187,3 +189,16 @@ def test_variants_are_trained_and_compared_with_the_paper_arms(smoke_run):
     assert variants["stage2/interleaved_decoder"]["first_unit_after_tokens"] == 4  # reads 4 states before writing
     assert variants["stage2/paper"]["first_unit_after_tokens"] == 2  # one token + one token of lookahead
     assert variants["stage1/dual_info"]["steps"] == variants["stage1/paper"]["steps"]
+
+
+def test_stage1_listening_benchmark_scores_the_run_and_a_transcription_arm(smoke_run):
+    run, _ = smoke_run
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stage1_listening.py"), "--run", str(run),
+                          "--arms", "transcribe", "--steps", "2", "--transcripts", "2"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "run's stage 1 (notebook 04)" in out.stdout and "arm transcribe" in out.stdout
+    result = json.loads((run / "arms" / "stage1-transcribe" / "result.json").read_text())["result"]
+    assert result["steps"] == 2 and result["overrides"] == {"stage1.transcribe_prob": 0.5}
+    assert all(math.isfinite(result[k]) for k in ("listening_gain_nats", "same_text_content_score"))
