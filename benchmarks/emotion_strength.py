@@ -42,7 +42,7 @@ def paired_difference(a: list[float], b: list[float], seed: int, n_resamples: in
 
 
 def prosody_sampler(temperature: float, generator):
-    """A stand-in for ``DecoderBase._argmax``: greedy units, pitch and energy sampled at ``temperature``."""
+    """A stand-in for ``SpeechDecoder._choose_tokens``: greedy units, pitch and energy sampled at ``temperature``."""
     import torch
 
     def pick(logits: dict, skip: int = 0) -> dict:
@@ -110,9 +110,9 @@ def main(argv=None) -> int:
         decoder.emotion_strength = strength
         decoder.pitch_decoding = pitch_rule
         if temperature > 0:
-            decoder._argmax = prosody_sampler(temperature, torch.Generator().manual_seed(cfg["seed"]))
+            decoder._choose_tokens = prosody_sampler(temperature, torch.Generator().manual_seed(cfg["seed"]))
         else:
-            decoder.__dict__.pop("_argmax", None)  # the class's greedy choice
+            decoder.__dict__.pop("_choose_tokens", None)  # the class's choice (pitch: decoder.pitch_decoding)
         label = f"{strength:g}" + (f", T {temperature:g}" if temperature > 0 else "") + \
             (f", {pitch_rule}" if len(args.pitch_decoding) > 1 else "")
         started = time.perf_counter()

@@ -92,7 +92,11 @@ def main() -> None:
         started = time.perf_counter()
         backbone, tokenizer = load_llm(cfg["models"]["llm"])
         model = llm.load_stage1(run.require(path, "stage1"), llm=backbone, tokenizer=tokenizer)
-        listening = llm.listening_test(model, data.test, by_id, seed=cfg["seed"])
+        if result is not None and "listening_ce_true" in result:  # the arm scored it already, on the same test set
+            listening = {"ce_true": result["listening_ce_true"], "ce_swapped": result["listening_ce_swapped"],
+                         "gain": result["listening_gain_nats"]}
+        else:
+            listening = llm.listening_test(model, data.test, by_id, seed=cfg["seed"])
         choice, chance, n_choice = reply_choice(model, data.same_text, by_id, tokenizer)
         wer = "-"
         if model.config.transcribe_prob > 0 and args.transcripts:

@@ -741,10 +741,10 @@ class SpeechDecoder(DecoderBase):
         return {"units": empty, "pitch": empty.clone(), "energy": empty.clone(), "durations": empty.clone(),
                 "windows": []}
 
-    def _argmax(self, logits: dict, skip: int = 0) -> dict:
+    def _choose_tokens(self, logits: dict, skip: int = 0) -> dict:
         """Each frame's unit and energy token (argmax) and pitch token (``pick_pitch``)."""
         out = {k: logits[f"{n}_logits"][0, skip:].argmax(-1) for k, n in (("units", "unit"), ("energy", "energy"))}
-        return {**out, "pitch": pick_pitch(logits["pitch_logits"][0, skip:], getattr(self, "pitch_decoding", "voicing_first"))}
+        return {**out, "pitch": pick_pitch(logits["pitch_logits"][0, skip:], self.pitch_decoding)}
 
     @torch.no_grad()
     def generate(self, hidden, embeds, emotion, durations=None, speaker=None) -> dict:
@@ -781,7 +781,7 @@ class SpeechDecoder(DecoderBase):
                 continue
             x, c, _ = self.frame_inputs(tokens[:, start:end], cond[:, start:end], durations[None, start:end])
             logits, _ = self.decode_frames(x, c)
-            pieces.append(self._argmax(logits, skip=int(durations[start:first].sum())))
+            pieces.append(self._choose_tokens(logits, skip=int(durations[start:first].sum())))
         result = {k: torch.cat([p[k] for p in pieces]) if pieces else self._empty()[k] for k in ("units", "pitch", "energy")}
         return {**result, "durations": durations, "windows": planner.windows()}
 
@@ -830,7 +830,7 @@ class SpeechDecoder(DecoderBase):
             x, c, _ = self.frame_inputs(torch.stack(tokens_final[start:], 1), torch.stack(conds[start:], 1), span,
                                         first_position)
             logits, state["past"] = self.decode_frames(x, c, state["past"])
-            return {**item, **self._argmax(logits, skip=x.shape[1] - d)}
+            return {**item, **self._choose_tokens(logits, skip=x.shape[1] - d)}
 
         count = 0
         for item in token_iter:

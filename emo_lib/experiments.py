@@ -225,6 +225,7 @@ def train_stage1_arm(run, preset: str, base_overrides: dict | None, arm: Arm | s
     reference for every arm, whatever target the arm trained on), and the training time.
     """
     from . import llm
+    from .evaluate import content_score
     from .pretrained import load_llm
     from .session import seed_everything
 
@@ -253,8 +254,6 @@ def train_stage1_arm(run, preset: str, base_overrides: dict | None, arm: Arm | s
         texts += [llm.tidy_reply(g["text"]) for g in
                   model.generate(data.same_text[start : start + 16], max_new_tokens=cfg["stage1"]["max_new_tokens"])]
     intended = [r["response_emotion"] for r in data.same_text_rows]
-    from .evaluate import content_score
-
     content = content_score(texts, [r["query_text"] for r in data.same_text_rows])
     judged = judge.predict(texts)
     correct = [float(j == t) for j, t in zip(judged, intended)]

@@ -423,7 +423,7 @@ class _GreedyWriter:
         if unit == m.config.eos:
             self.done = self.eos = True
             return False
-        pitch = int(pick_pitch(logits["pitch_logits"][0:1].reshape(1, -1), getattr(m, "pitch_decoding", "voicing_first"))[0])
+        pitch = int(pick_pitch(logits["pitch_logits"].reshape(1, -1), m.pitch_decoding)[0])
         energy = int(logits["energy_logits"][0].argmax())
         self.units.append(unit)
         self.pitch.append(pitch)

@@ -923,9 +923,9 @@ def listening_test(model: SpeechLLM, examples: list[Stage1Example], rows_by_id: 
     true reply more likely after its own query: gain > 0. Returns ``ce_true``, ``ce_swapped``,
     ``gain`` and ``n`` (examples with a partner).
     """
-    kept = {e.pair_id for e in swapped_queries(examples, rows_by_id, seed)}
+    swapped = swapped_queries(examples, rows_by_id, seed)  # in order, without the examples that have no partner
+    kept = {e.pair_id for e in swapped}
     true = [e for e in examples if e.pair_id in kept]
-    swapped = swapped_queries(true, rows_by_id, seed)
     a = evaluate_teacher_forced(model, true, batch_size)["ce"]
     b = evaluate_teacher_forced(model, swapped, batch_size)["ce"]
     return {"ce_true": a, "ce_swapped": b, "gain": b - a, "n": len(true)}
