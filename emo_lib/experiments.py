@@ -144,7 +144,8 @@ def model_fingerprint(model) -> str:
     return f"{crc:08x}"
 
 
-def _open_arm(run, preset, base_overrides, arm, stage: int, steps: int, sizes: dict, progress: bool):
+def _open_arm(run, preset, base_overrides, arm, stage: int, steps: int, sizes: dict, progress: bool,
+              device: str = "cpu"):
     """An arm's (arm, preset, folder, settings, cached result or None): the shared start of both trainers."""
     arm = get_arm(arm, stage) if isinstance(arm, str) else arm
     cfg = arm_preset(preset, base_overrides, arm, steps)
@@ -153,6 +154,10 @@ def _open_arm(run, preset, base_overrides, arm, stage: int, steps: int, sizes: d
         sizes = {**sizes, "base_overrides": dict(base_overrides)}
     if stage == 2:  # spoken replies depend on the pitch rule (an inference setting, not part of the arm's checkpoint)
         sizes = {**sizes, "pitch_decoding": cfg["synthesis"]["pitch_decoding"]}
+        from .train import autocast_settings
+
+        if autocast_settings({"bf16": True, "cpu_bf16": cfg["stage2"]["cpu_bf16"]}, device)[0]:
+            sizes = {**sizes, "train_precision": "bfloat16"}  # absent in float32: older results stay valid
     settings = _settings(arm, steps, sizes)
     cached = _cached(folder, settings)
     if cached is not None and progress:
@@ -410,7 +415,7 @@ def train_stage2_arm(run, preset: str, base_overrides: dict | None, arm: Arm | s
 
     arm, cfg, folder, settings, cached = _open_arm(run, preset, base_overrides, arm, 2, steps, {
         "train": len(data.items), "val": len(data.val_items), "replies": len(data.replies),
-        "token2mel": model_fingerprint(synth["token2mel"])}, progress)
+        "token2mel": model_fingerprint(synth["token2mel"])}, progress, device)
     if cached is not None:
         return cached
     s2 = cfg["stage2"]
@@ -421,7 +426,7 @@ def train_stage2_arm(run, preset: str, base_overrides: dict | None, arm: Arm | s
     model.set_emotion_stats(np.concatenate([x["emotion_gt"] for x in data.items]))
     loop = {"steps": steps, "batch_size": s2["batch_size"], "lr": {"decoder": s2["lr"]},
             "weight_decay": {"decoder": 0.01}, "warmup_steps": min(s2["warmup_steps"], max(1, steps // 5)),
-            "eval_every": steps, "checkpoint_every": steps, "seed": cfg["seed"]}
+            "eval_every": steps, "checkpoint_every": steps, "seed": cfg["seed"], "cpu_bf16": s2["cpu_bf16"]}
     eval_subset = data.val_items[:64]
     started = time.perf_counter()
     history = train_loop(model, model.parameter_groups(), data.items, D.make_loss_fn(steps, D.schedule_from_preset(s2)),

@@ -91,7 +91,8 @@ DEFAULT_LOOP = {
     "eval_every": 50,  # steps between held-out evaluations (and at the end)
     "checkpoint_every": 50,  # steps between checkpoints (and at the end)
     "seed": 0,
-    "bf16": True,  # autocast to bfloat16 on CUDA (ignored on CPU)
+    "bf16": True,  # autocast to bfloat16 on CUDA
+    "cpu_bf16": False,  # also autocast to bfloat16 on a CPU, where it computes bfloat16 natively (AMX, AVX512-BF16)
 }
 
 
@@ -101,6 +102,25 @@ def loop_config(cfg: dict | None) -> dict:
     if unknown:
         raise ValueError(f"unknown training keys {sorted(unknown)}; valid: {sorted(DEFAULT_LOOP)}")
     return merged
+
+
+def autocast_settings(cfg: dict, device) -> tuple[bool, str]:
+    """(use bfloat16 autocast?, autocast device type) for a loop config on ``device``.
+
+    On CUDA ``bf16`` decides. On a CPU ``cpu_bf16`` asks for it, and it is used only where the CPU
+    computes bfloat16 natively (``token2wav.native_bfloat16``: AMX or AVX512-BF16); elsewhere it
+    would be emulated and slower than float32, so training stays in float32. Either way the
+    weights, the gradients and the optimizer state stay float32: autocast only runs the matrix
+    products in bfloat16.
+    """
+    kind = str(device).split(":")[0]
+    if kind == "cuda":
+        return bool(cfg["bf16"]), "cuda"
+    if kind == "cpu" and cfg.get("cpu_bf16"):
+        from .token2wav import native_bfloat16
+
+        return native_bfloat16("cpu"), "cpu"
+    return False, "cpu"
 
 
 def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -194,7 +214,7 @@ def train_loop(model, groups: dict, items: list, loss_fn, cfg: dict, checkpoint_
         step, history = int(payload["step"]), payload["history"]
         if progress:
             print(f"resumed from {path} at step {step}")
-    use_bf16 = cfg["bf16"] and str(device).startswith("cuda")
+    use_bf16, autocast_device = autocast_settings(cfg, device)
     takes_step = "step" in inspect.signature(loss_fn).parameters
     cache: dict = {}
     started = time.perf_counter() - (history["seconds"][-1] if history["seconds"] else 0.0)
@@ -230,7 +250,7 @@ def train_loop(model, groups: dict, items: list, loss_fn, cfg: dict, checkpoint_
         logged: dict = {}
         for j in range(cfg["accumulation"]):
             idx = _micro_batch(lengths, cfg, step * cfg["accumulation"] + j, cache)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.autocast(autocast_device, dtype=torch.bfloat16, enabled=use_bf16):
                 batch = [items[i] for i in idx]
                 terms = loss_fn(model, batch, step=step) if takes_step else loss_fn(model, batch)
             (terms["loss"] / cfg["accumulation"]).backward()

@@ -202,3 +202,18 @@ def test_stage1_listening_benchmark_scores_the_run_and_a_transcription_arm(smoke
     result = json.loads((run / "arms" / "stage1-transcribe" / "result.json").read_text())["result"]
     assert result["steps"] == 2 and result["overrides"] == {"stage1.transcribe_prob": 0.5}
     assert all(math.isfinite(result[k]) for k in ("listening_gain_nats", "same_text_content_score"))
+
+
+def test_emotion_chain_benchmark_follows_replies_through_every_link(smoke_run):
+    run, _ = smoke_run
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "emotion_chain.py"), "--run", str(run),
+                          "--replies", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if " [" in line and line.split("  ")[0] in (
+        "recording", "recording -> mel -> HiFi-GAN", "true tokens -> token2mel -> HiFi-GAN",
+        "decoder (stage-1 plan) -> token2mel -> HiFi-GAN")]
+    assert len(rows) == 4, out.stdout[-3000:]
+    # the recordings themselves are what Whisper and the emotion encoder know best: WER far below 1
+    recording_wer = float(rows[0].split()[1])
+    assert recording_wer < 0.5, rows[0]

@@ -350,8 +350,8 @@ def test_emotion_schedules():
 
 
 # -- training --------------------------------------------------------------------------------------
-def test_a_tiny_dataset_is_fitted_with_train_loop(tmp_path):
-    """Units are a function of the token's identity and the frame's place in it: learnable in 100 steps."""
+def _tiny_fit(tmp_path, cfg_extra: dict):
+    """Fit the tiny dataset of the test below with ``train_loop``; returns (model, items, history)."""
     vocab = np.random.default_rng(0).normal(size=(6, H)).astype(np.float32)
     items = []
     for s in range(8):
@@ -369,9 +369,15 @@ def test_a_tiny_dataset_is_fitted_with_train_loop(tmp_path):
     steps = 100
     loss_fn = D.make_loss_fn(steps, {"kind": "linear", "start_fraction": 0.2, "end_fraction": 0.6, "end_alpha": 1.0})
     cfg = {"steps": steps, "batch_size": 4, "lr": {"decoder": 3e-3}, "weight_decay": {"decoder": 0.0},
-           "warmup_steps": 5, "eval_every": 1000, "checkpoint_every": 1000, "bf16": False}
+           "warmup_steps": 5, "eval_every": 1000, "checkpoint_every": 1000, "bf16": False, **cfg_extra}
     history = T.train_loop(model, model.parameter_groups(), items, loss_fn, cfg, checkpoint_dir=tmp_path / "ck",
                            payload_fn=D.checkpoint_payload, progress=False)
+    return model, items, history
+
+
+def test_a_tiny_dataset_is_fitted_with_train_loop(tmp_path):
+    """Units are a function of the token's identity and the frame's place in it: learnable in 100 steps."""
+    model, items, history = _tiny_fit(tmp_path, {})
     assert history["alpha"][0] == 0.0 and history["alpha"][-1] == 1.0  # train_loop passed the step
     metrics = D.evaluate_stage2(model, items, alpha=1.0)
     assert metrics["unit_accuracy"] > 0.9, metrics
@@ -381,6 +387,32 @@ def test_a_tiny_dataset_is_fitted_with_train_loop(tmp_path):
     loaded = D.load_decoder(tmp_path / "ck" / "latest.pt")
     h, e, emo = (torch.as_tensor(items[0][k]) for k in ("hidden", "embeds", "emotion_pred"))
     assert torch.equal(loaded.generate(h, e, emo)["units"], model.eval().generate(h, e, emo)["units"])
+
+
+def test_cpu_bfloat16_autocast_is_used_only_where_native_and_still_learns(tmp_path, monkeypatch):
+    """``cpu_bf16`` asks for bfloat16 autocast on a CPU; it is used only where the CPU computes it natively."""
+    import emo_lib.token2wav as T2W
+
+    monkeypatch.setattr(T2W, "native_bfloat16", lambda device="cpu": False)
+    assert T.autocast_settings({"bf16": True, "cpu_bf16": True}, "cpu") == (False, "cpu")  # emulated: float32
+    monkeypatch.setattr(T2W, "native_bfloat16", lambda device="cpu": True)
+    assert T.autocast_settings({"bf16": True, "cpu_bf16": True}, "cpu") == (True, "cpu")
+    assert T.autocast_settings({"bf16": True, "cpu_bf16": False}, "cpu") == (False, "cpu")
+    assert T.autocast_settings({"bf16": False, "cpu_bf16": True}, "cuda:0") == (False, "cuda")
+    seen = []
+    real_autocast = torch.autocast
+
+    def spy(device_type, dtype=None, enabled=True):
+        seen.append((device_type, dtype, enabled))
+        return real_autocast(device_type, dtype=dtype, enabled=enabled)
+
+    monkeypatch.setattr(torch, "autocast", spy)
+    model, items, history = _tiny_fit(tmp_path, {"cpu_bf16": True})
+    assert seen and all(s == ("cpu", torch.bfloat16, True) for s in seen)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights and optimizer stay float32
+    metrics = D.evaluate_stage2(model, items, alpha=1.0)
+    assert metrics["unit_accuracy"] > 0.9, metrics  # the same bound as in float32
+    assert history["loss"][-1] < 0.3 * history["loss"][0]
 
 
 def test_save_load_round_trip_and_refusals(tmp_path):
