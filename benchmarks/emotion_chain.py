@@ -37,22 +37,6 @@ LINKS = ("recording", "recording -> mel -> HiFi-GAN", "true tokens -> token2mel 
          "decoder (stage-1 plan) -> token2mel -> HiFi-GAN")
 
 
-def heard_as(truth: list[str], heard: list[str]) -> dict[str, str]:
-    """Per intended emotion: 'share right (n); wrong: name count, ...' for one link."""
-    out = {}
-    for emotion in sorted(set(truth)):
-        got = [h for t, h in zip(truth, heard) if t == emotion]
-        wrong: dict[str, int] = {}
-        for h in got:
-            if h != emotion:
-                wrong[h] = wrong.get(h, 0) + 1
-        text = f"{np.mean([h == emotion for h in got]):.2f} of {len(got)}"
-        if wrong:
-            text += "; " + ", ".join(f"{k} {v}" for k, v in sorted(wrong.items(), key=lambda kv: (-kv[1], kv[0])))
-        out[emotion] = text
-    return out
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a run folder after notebook 06, e.g. runs/cpu")
@@ -72,6 +56,7 @@ def main(argv=None) -> int:
     from emo_lib.store import FrameStore
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from token2mel_temperature import emotion_confusion  # per true emotion: share heard right, heard instead
     from train_throughput import open_run  # the same run/preset resolution
 
     run, cfg = open_run(args.run, args.preset)
@@ -135,7 +120,9 @@ def main(argv=None) -> int:
         table.append([link, f"{wer['mean']:.3f} [{wer['ci'][0]:.2f}, {wer['ci'][1]:.2f}]",
                       f"{ci['mean']:.3f} [{ci['ci'][0]:.2f}, {ci['ci'][1]:.2f}]", change or "-",
                       f"{time.perf_counter() - started:.0f}"])
-        by_emotion[link] = heard_as(truth, list(recognized))
+        _, confusion = emotion_confusion(truth, list(recognized))
+        by_emotion[link] = {emotion: f"{share} of {n}" + ("" if instead == "-" else f"; {instead}")
+                            for emotion, n, share, instead in confusion}
         print(f"{link}: WER {wer['mean']:.3f}, emotion heard {ci['mean']:.3f}", flush=True)
     counts = {e: truth.count(e) for e in sorted(set(truth))}
     print(f"\n{len(items)} validation replies of {run.root} ({', '.join(f'{e} {n}' for e, n in counts.items())}); "
