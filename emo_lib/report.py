@@ -377,6 +377,8 @@ ROWS: list[Row | DictRows] = [
         fmt_arrow()),
     Row("05 tokens", "token2mel validation loss, prior: before → after",
         ("05_tokens.token2mel_val_prior_before", "05_tokens.token2mel_val_prior"), fmt_arrow()),
+    Row("05 tokens", "training precision: token2mel / stage-2 decoder (bfloat16 autocast where the CPU computes it natively)",
+        ("05_tokens.token2mel_train_precision", "06_stage2.train_precision"), fmt()),
     Row("05 tokens", "resynthesis of held-out voices, Whisper WER: token2mel + HiFi-GAN", "05_tokens.resynthesis_wer", fmt(".2f"),
         "≤ 0.35", bold=True),
     Row("05 tokens", "same: prior mean mel only / Griffin-Lim / recording vocoded / recording",

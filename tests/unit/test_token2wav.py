@@ -3,6 +3,7 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+import functools
 import math
 
 import numpy as np
@@ -551,6 +552,33 @@ def test_train_loop_resume_replays_crops_and_noise(tmp_path):
     loaded = T.load_token2mel(tmp_path / "b" / "latest.pt")
     for k, v in model.trainable_state().items():
         assert torch.equal(v, loaded.trainable_state()[k])
+
+
+def test_token2mel_trains_in_cpu_bfloat16_autocast_where_native(tmp_path, monkeypatch):
+    """The cpu preset's ``token2mel.cpu_bf16``: train_loop autocasts the matrix products to bfloat16 on a CPU
+    that computes it natively; the weights stay float32 and the model learns as in float32."""
+    import emo_lib.token2wav as T2W
+
+    monkeypatch.setattr(T2W, "native_bfloat16", lambda device="cpu": True)
+    seen = []
+    real_autocast = torch.autocast
+
+    def spy(device_type, dtype=None, enabled=True):
+        seen.append((device_type, dtype, enabled))
+        return real_autocast(device_type, dtype=dtype, enabled=enabled)
+
+    monkeypatch.setattr(torch, "autocast", spy)
+    items = [utterance(30, 0), utterance(24, 1)]
+    cfg = {"steps": 60, "batch_size": 2, "lr": {"token2mel": 3e-3}, "weight_decay": {"token2mel": 0.0},
+           "warmup_steps": 1, "eval_every": 1000, "checkpoint_every": 1000, "seed": 0, "cpu_bf16": True}
+    model = tiny_model(dim=48).train()
+    history = train_loop(model, model.parameter_groups(), items, functools.partial(T.loss_fn, crop_frames=64), cfg,
+                         checkpoint_dir=tmp_path, payload_fn=T.checkpoint_payload, progress=False)
+    assert seen and all(s == ("cpu", torch.bfloat16, True) for s in seen)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    first, last = np.mean(history["loss"][:5]), np.mean(history["loss"][-5:])
+    assert last < 0.5 * first, (first, last)  # the bound of the float32 overfitting test
+    assert np.mean(history["prior"][-5:]) < 0.3 * np.mean(history["prior"][:5])
 
 
 def test_resuming_with_another_configuration_is_refused():
