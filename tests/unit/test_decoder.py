@@ -389,7 +389,7 @@ def test_a_tiny_dataset_is_fitted_with_train_loop(tmp_path):
     assert torch.equal(loaded.generate(h, e, emo)["units"], model.eval().generate(h, e, emo)["units"])
 
 
-def test_cpu_bfloat16_autocast_is_used_only_where_native_and_still_learns(tmp_path, monkeypatch):
+def test_cpu_bfloat16_autocast_is_used_only_where_native_and_still_learns(tmp_path, monkeypatch, autocast_calls):
     """``cpu_bf16`` asks for bfloat16 autocast on a CPU; it is used only where the CPU computes it natively."""
     import emo_lib.token2wav as T2W
 
@@ -399,14 +399,7 @@ def test_cpu_bfloat16_autocast_is_used_only_where_native_and_still_learns(tmp_pa
     assert T.autocast_settings({"bf16": True, "cpu_bf16": True}, "cpu") == (True, "cpu")
     assert T.autocast_settings({"bf16": True, "cpu_bf16": False}, "cpu") == (False, "cpu")
     assert T.autocast_settings({"bf16": False, "cpu_bf16": True}, "cuda:0") == (False, "cuda")
-    seen = []
-    real_autocast = torch.autocast
-
-    def spy(device_type, dtype=None, enabled=True):
-        seen.append((device_type, dtype, enabled))
-        return real_autocast(device_type, dtype=dtype, enabled=enabled)
-
-    monkeypatch.setattr(torch, "autocast", spy)
+    seen = autocast_calls
     model, items, history = _tiny_fit(tmp_path, {"cpu_bf16": True})
     assert seen and all(s == ("cpu", torch.bfloat16, True) for s in seen)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights and optimizer stay float32

@@ -554,20 +554,13 @@ def test_train_loop_resume_replays_crops_and_noise(tmp_path):
         assert torch.equal(v, loaded.trainable_state()[k])
 
 
-def test_token2mel_trains_in_cpu_bfloat16_autocast_where_native(tmp_path, monkeypatch):
+def test_token2mel_trains_in_cpu_bfloat16_autocast_where_native(tmp_path, monkeypatch, autocast_calls):
     """The cpu preset's ``token2mel.cpu_bf16``: train_loop autocasts the matrix products to bfloat16 on a CPU
     that computes it natively; the weights stay float32 and the model learns as in float32."""
     import emo_lib.token2wav as T2W
 
     monkeypatch.setattr(T2W, "native_bfloat16", lambda device="cpu": True)
-    seen = []
-    real_autocast = torch.autocast
-
-    def spy(device_type, dtype=None, enabled=True):
-        seen.append((device_type, dtype, enabled))
-        return real_autocast(device_type, dtype=dtype, enabled=enabled)
-
-    monkeypatch.setattr(torch, "autocast", spy)
+    seen = autocast_calls
     items = [utterance(30, 0), utterance(24, 1)]
     cfg = {"steps": 60, "batch_size": 2, "lr": {"token2mel": 3e-3}, "weight_decay": {"token2mel": 0.0},
            "warmup_steps": 1, "eval_every": 1000, "checkpoint_every": 1000, "seed": 0, "cpu_bf16": True}
