@@ -154,9 +154,9 @@ def _open_arm(run, preset, base_overrides, arm, stage: int, steps: int, sizes: d
         sizes = {**sizes, "base_overrides": dict(base_overrides)}
     if stage == 2:  # spoken replies depend on the pitch rule (an inference setting, not part of the arm's checkpoint)
         sizes = {**sizes, "pitch_decoding": cfg["synthesis"]["pitch_decoding"]}
-        from .train import autocast_settings, loop_config
+        from .train import train_precision
 
-        if autocast_settings(loop_config({"cpu_bf16": cfg["stage2"]["cpu_bf16"]}), device)[0]:
+        if train_precision({"cpu_bf16": cfg["stage2"]["cpu_bf16"]}, device) == "bfloat16":
             sizes = {**sizes, "train_precision": "bfloat16"}  # absent in float32: older results stay valid
     settings = _settings(arm, steps, sizes)
     cached = _cached(folder, settings)

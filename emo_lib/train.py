@@ -123,6 +123,14 @@ def autocast_settings(cfg: dict, device) -> tuple[bool, str]:
     return False, "cpu"
 
 
+def train_precision(cfg: dict | None, device) -> str:
+    """The precision a loop config trains in on ``device``: "bfloat16" (autocast) or "float32".
+
+    The name notebooks and arm caches record, so a result says how it was trained.
+    """
+    return "bfloat16" if autocast_settings(loop_config(cfg), device)[0] else "float32"
+
+
 def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The micro-batches of one epoch, a pure function of (seed, epoch): resuming replays it exactly.
 

@@ -399,6 +399,11 @@ def test_cpu_bfloat16_autocast_is_used_only_where_native_and_still_learns(tmp_pa
     assert T.autocast_settings({"bf16": True, "cpu_bf16": True}, "cpu") == (True, "cpu")
     assert T.autocast_settings({"bf16": True, "cpu_bf16": False}, "cpu") == (False, "cpu")
     assert T.autocast_settings({"bf16": False, "cpu_bf16": True}, "cuda:0") == (False, "cuda")
+    # the name notebooks 05/06 and the arm caches record
+    assert T.train_precision({"cpu_bf16": True}, "cpu") == "bfloat16"
+    assert T.train_precision({"cpu_bf16": False}, "cpu") == "float32"
+    assert T.train_precision(None, "cpu") == "float32"
+    assert T.train_precision({"bf16": True}, "cuda") == "bfloat16"
     seen = autocast_calls
     model, items, history = _tiny_fit(tmp_path, {"cpu_bf16": True})
     assert seen and all(s == ("cpu", torch.bfloat16, True) for s in seen)
