@@ -90,12 +90,28 @@ class DecoderInputError(ValueError):
     """Inputs or targets the decoder cannot use (wrong width, ids outside a vocabulary, bad spans)."""
 
 
+@dataclass
 class DecoderConfigBase:
-    """What the stage-2 decoder configs share: the fusion switches, their checks, the dict round trip.
+    """What the stage-2 decoder configs share: the widths and vocabularies, the fusion switches,
+    their checks, the dict round trip.
 
-    Subclasses are dataclasses with ``fusion``, ``adaln``, ``dim`` and ``heads`` fields and call
-    ``check_shared`` from ``__post_init__`` with the names of their fields that must be >= 1.
+    Subclasses are dataclasses that add their own fields and call ``check_shared`` from
+    ``__post_init__`` with the names of the fields that must be >= 1.
     """
+
+    hidden_dim: int = 576
+    emotion_dim: int = 256
+    dim: int = 256
+    layers: int = 6
+    heads: int = 4
+    n_units: int = 512
+    pitch_bins: int = 33
+    energy_bins: int = 8
+    max_frames: int = 1024
+    dropout: float = 0.1
+    prosody_weight: float = 1.0
+    fusion: str = "gate"
+    adaln: bool = True
 
     def check_shared(self, positive: tuple[str, ...]) -> None:
         if self.fusion not in FUSIONS:
@@ -135,23 +151,10 @@ class Stage2Config(DecoderConfigBase):
     reply voice's speaker reference as an input (0: no voice input, the decoder guesses it).
     """
 
-    hidden_dim: int = 576
-    emotion_dim: int = 256
-    dim: int = 256
-    layers: int = 6
-    heads: int = 4
-    n_units: int = 512
-    pitch_bins: int = 33
-    energy_bins: int = 8
-    max_frames: int = 1024
     lookahead_tokens: int = 1
     max_token_frames: int = 40
     duration_layers: int = 2
-    dropout: float = 0.1
     duration_weight: float = 1.0
-    prosody_weight: float = 1.0
-    fusion: str = "gate"
-    adaln: bool = True
     speaker_dim: int = 0
 
     def __post_init__(self):

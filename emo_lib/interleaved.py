@@ -69,21 +69,8 @@ class InterleavedConfig(DecoderConfigBase):
     ``n_units + 1`` outputs: the last is EOS.
     """
 
-    hidden_dim: int = 576
-    emotion_dim: int = 256
-    dim: int = 256
-    layers: int = 6
-    heads: int = 4
-    n_units: int = 512
-    pitch_bins: int = 33
-    energy_bins: int = 8
-    max_frames: int = 1024
     read_tokens: int = 4
     write_units: int = 8
-    dropout: float = 0.1
-    prosody_weight: float = 1.0
-    fusion: str = "gate"
-    adaln: bool = True
 
     def __post_init__(self):
         self.check_shared(("read_tokens", "write_units", "max_frames", "n_units", "pitch_bins", "energy_bins",
