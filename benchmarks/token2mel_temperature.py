@@ -10,7 +10,7 @@ HiFi-GAN) and asks Whisper tiny.en what was said. This script repeats that round
 trained token2mel for several *sampling* settings, without retraining: the temperature that scales
 the starting noise (x0 = mu + temperature * source_std * noise) and the number of Euler steps
 (0 = the prior mean mel mu alone, no flow). Choose on ``--split val`` (utterances of training
-voices the model was not trained on), report on ``--split test`` (held-out voices), as the README
+voices the model was not trained on), report on ``--split test`` (held-out voices), as docs/findings.md
 does. Utterances are chosen as in notebook 05 (up to 8 s, a seeded choice, a reference from another
 utterance of the same voice); the noise of utterance i is seeded with seed + i, so settings differ
 only in what they set. ``--vocoder-precision`` vocodes the same mels with HiFi-GAN in float32 and/or

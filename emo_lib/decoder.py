@@ -434,7 +434,7 @@ def pick_pitch(logits: torch.Tensor, rule: str = "voicing_first") -> torch.Tenso
     is unsure *which* F0 bin a voiced frame has, the voiced probability is spread over several
     neighbouring bins while "unvoiced" is one id, so "unvoiced" can win with, say, 0.3 against a
     voiced total of 0.7. On the cpu preset's validation replies argmax left 35 % of frames voiced
-    against 53 % in the recordings, and the spoken replies came out breathy (README, notebooks 05-07 section).
+    against 53 % in the recordings, and the spoken replies came out breathy (docs/findings.md, notebooks 05-07).
     ``voicing_first`` decides the two questions in order: voiced when P(voiced) = 1 - P(id 0)
     >= 0.5, and then the most likely F0 bin among the voiced ones.
     """

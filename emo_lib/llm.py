@@ -289,7 +289,7 @@ class SpeechLLM(nn.Module):
 
         The function is the same (up to float rounding), but each adapted projection costs one
         matrix product instead of three plus a dropout module: on 2 CPU cores stage 1's share of
-        streamed speech fell by about a fifth (README, "Benchmarks"). Inference only:
+        streamed speech fell by about a fifth (docs/findings.md, "Benchmarks, as measured"). Inference only:
         ``train()`` unmerges first, so training always updates the factors the forward pass uses.
         """
         self.eval()
@@ -351,7 +351,7 @@ class SpeechLLM(nn.Module):
         replies here depend on the query's emotion far more than on its wording, so the cheapest
         way to lower the loss is to hear the emotion and answer with a stock phrase: on the cpu
         preset the reply loss was the same whether the model heard the true query or another
-        query of the same emotion (``listening_test``; README, notebook 04 section). Speech LLMs
+        query of the same emotion (``listening_test``; docs/findings.md, notebook 04). Speech LLMs
         commonly align their adapter with transcription first (SALMONN, Qwen-Audio); here it is
         mixed into stage 1: with probability ``transcribe_prob`` an example (with
         ``transcript_ids``) becomes ``[TRANSCRIBE_SYSTEM_PROMPT] [speech] -> its scripted text``,

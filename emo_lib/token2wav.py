@@ -59,7 +59,7 @@ velocity network (``transformer``), or a stack of *causal* residual convolutions
 speaker). Both see the future only through the lookahead conv, so both stream exactly; the conv
 encoder's cache (``ConvCache``) holds the last kernel - 1 inputs of each layer instead of keys
 and values, and needs no chunk alignment. On the cpu preset (1 500 steps) the conv encoder was
-no more intelligible than the Transformer (README, "Notebooks 05-07"); what helped there was
+no more intelligible than the Transformer (docs/findings.md, "Notebooks 05-07"); what helped there was
 ``detach_prior``: the velocity network reads mu through a stop-gradient, so the encoder is
 trained by the prior MSE alone.
 
@@ -525,7 +525,7 @@ class CausalConvEncoder(nn.Module):
     Why try a convolution for the prior mean mel: each mel frame is mostly decided by its unit
     and the few units around it (coarticulation), a convolution's inductive bias, which attention
     has to *learn*. Measured on the cpu preset, it did not pay off: with the same steps its mean
-    mel was no more intelligible than the Transformer's (README, "Notebooks 05-07").
+    mel was no more intelligible than the Transformer's (docs/findings.md, "Notebooks 05-07").
 
     Streaming: with a ``ConvCache`` (``new_cache``) the new frames continue the cached ones and
     give exactly the whole-sequence result, for any number of new frames (no chunk alignment).
@@ -1385,8 +1385,8 @@ class Vocoder:
     output is float32) or ``auto`` (bfloat16 where the device computes it natively, see
     ``native_bfloat16``). ``self.precision`` is the one in use. On a CPU with AMX, streamed
     bfloat16 vocoding was 1.8x faster, but offline vocoding of utterances of many different
-    lengths was slower, and the waveform moves by about 5 % relative RMS; the README
-    ("Benchmarks") has what Whisper and the emotion encoder make of it.
+    lengths was slower, and the waveform moves by about 5 % relative RMS; docs/findings.md
+    ("Benchmarks, as measured") has what Whisper and the emotion encoder make of it.
 
     How ``stream`` differs from offline vocoding: HiFi-GAN's convolutions look both ways; the
     packaged V1 generator's receptive field reaches about 10 mel frames (116 ms) to each side.
