@@ -156,8 +156,9 @@ def _open_arm(run, preset, base_overrides, arm, stage: int, steps: int, sizes: d
         sizes = {**sizes, "pitch_decoding": cfg["synthesis"]["pitch_decoding"]}
         from .train import train_precision
 
-        if train_precision({"cpu_bf16": cfg["stage2"]["cpu_bf16"]}, device) == "bfloat16":
-            sizes = {**sizes, "train_precision": "bfloat16"}  # absent in float32: older results stay valid
+        precision = train_precision({"cpu_bf16": cfg["stage2"]["cpu_bf16"]}, device)
+        if precision != "float32":  # absent in float32: older results stay valid
+            sizes = {**sizes, "train_precision": precision}
     settings = _settings(arm, steps, sizes)
     cached = _cached(folder, settings)
     if cached is not None and progress:
